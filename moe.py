@@ -1,0 +1,301 @@
+"""
+Mixture-of-Experts feed-forward layers, standard and DeepSeekMoE, in one file.
+
+A MoE layer replaces the one big FFN of a transformer block by many small FFNs (the experts) and a
+router that sends every token to only `top_k` of them. Read it in this order:
+
+1. pure functions: the balancing losses and the load metrics (tests check them by hand);
+2. `MoE.route`: scores, top-k selection, gate values;
+3. `MoE.dispatch`: sort the token-slots by expert, run every expert on its contiguous rows with one
+   grouped matmul, weight by the gates and add back (optionally dropping slots past the capacity);
+4. `MoE.forward`: route + dispatch + shared experts + the auxiliary losses and routing statistics;
+5. `MoE.update_bias`: DeepSeek-V3's auxiliary-loss-free balancing, called once per optimizer step.
+
+Standard MoE and DeepSeekMoE share every line of routing and dispatch. They differ only in
+(a) how gates are computed from the scores, (b) which balancing is on, (c) shared experts, and
+(d) the shape of the config (DeepSeekMoE = m x more experts, each 1/m as wide, top_k also m x):
+all of which is set by `GPTConfig` and the config files, not by a second class.
+
+Papers: Shazeer et al. 2017 "Outrageously Large Neural Networks" (importance loss);
+Lepikhin et al. 2020 "GShard" (capacity, priority of first choices); Fedus et al. 2021 "Switch
+Transformers" (load-balancing loss, capacity factor); Zoph et al. 2022 "ST-MoE" (router z-loss);
+Dai et al. 2024 "DeepSeekMoE" (fine-grained + shared experts); DeepSeek-AI 2024 "DeepSeek-V3"
+(auxiliary-loss-free balancing, sigmoid affinities, sequence-wise balance loss).
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+# -----------------------------------------------------------------------------
+# Balancing losses and load metrics: small pure functions, tensors in, tensor out.
+# Shapes: N tokens, E experts, k experts per token.
+
+
+def expert_load(idx: Tensor, n_experts: int) -> Tensor:
+    """Token-slots routed to each expert: c_i = sum_t sum_j 1[idx_{t,j} = i]. (N, k) -> (E,) float32."""
+    flat = idx.reshape(-1)
+    # scatter_add rather than bincount: the output shape is static, so torch.compile keeps one graph
+    return torch.zeros(n_experts, device=idx.device, dtype=torch.float32).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.float32))
+
+
+def max_vio(load: Tensor) -> Tensor:
+    """MaxVio = max_i load_i / mean_i load_i - 1 (DeepSeek-V3 / Wang et al. 2024). 0 = perfectly even."""
+    return load.max(-1).values / load.mean(-1) - 1
+
+
+def coefficient_of_variation(x: Tensor) -> Tensor:
+    """CV = std / mean over experts (population std: the E experts are the whole population)."""
+    return x.std(-1, unbiased=False) / x.mean(-1)
+
+
+def importance(gates_dense: Tensor) -> Tensor:
+    """Shazeer et al. 2017, eq. 6: Importance_i = sum_t G_{t,i}, the column sums of the selector-weight
+    matrix gates_dense (N, E): gate value where an expert was chosen, else 0. (N, E) -> (E,)."""
+    return gates_dense.sum(0)
+
+
+def importance_loss(gates_dense: Tensor) -> Tensor:
+    """Shazeer et al. 2017, eq. 7: L = CV(Importance)^2 = var / mean^2 (population variance, as in
+    `coefficient_of_variation`). Multiply by the coefficient lambda outside."""
+    imp = importance(gates_dense)
+    return imp.var(unbiased=False) / (imp.mean() ** 2 + 1e-10)
+
+
+def load_balance_loss(probs: Tensor, idx: Tensor, n_experts: int) -> Tensor:
+    """Switch Transformer eq. 4-6: L = N_e * sum_i F_i * P_i.
+
+    F_i = fraction of the routed token-slots sent to expert i (no gradient: it comes from argmax);
+    P_i = mean router probability of expert i (the gradient flows through it).
+    Equals 1 when routing is uniform. Multiply by the coefficient alpha outside.
+    """
+    f = expert_load(idx, n_experts) / idx.numel()     # F_i, sums to 1
+    p = probs.mean(0)                                 # (N, E) -> (E,) P_i
+    return n_experts * (f * p).sum()
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """ST-MoE eq. 5: L_z = mean_t (log sum_i exp(u_{t,i}))^2, keeps router logits small."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+def sequence_balance_loss(scores: Tensor, idx: Tensor, n_experts: int, batch_size: int) -> Tensor:
+    """DeepSeek-V3 eq. 17-20, averaged over the sequences of the batch.
+
+    For each sequence of T tokens: f_i = E / (k T) * sum_t 1[i in TopK_t];
+    s'_{t,i} = s_{t,i} / sum_j s_{t,j};  P_i = (1/T) sum_t s'_{t,i};  L = sum_i f_i P_i.
+    scores: (B*T, E) affinities, idx: (B*T, k). Equals 1 when every sequence is balanced.
+    """
+    n, k = idx.shape
+    t = n // batch_size
+    s = scores.view(batch_size, t, n_experts)
+    p = (s / s.sum(-1, keepdim=True)).mean(1)                      # (B, E) P_i per sequence
+    counts = torch.zeros(batch_size, n_experts, device=idx.device, dtype=scores.dtype)
+    counts.scatter_add_(1, idx.view(batch_size, t * k), torch.ones_like(counts[:, :1]).expand(-1, t * k))
+    f = counts * n_experts / (k * t)                               # (B, E) f_i per sequence
+    return (f * p).sum(-1).mean()
+
+
+def expert_capacity(n_tokens: int, n_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Expert capacity = capacity_factor * top_k * tokens / experts (Switch eq. 3, times k slots per
+    token). Rounded up, so that a factor of 1.0 can hold a perfectly balanced batch. 0 = dropless."""
+    if capacity_factor <= 0:
+        return 0
+    return max(1, math.ceil(capacity_factor * top_k * n_tokens / n_experts))
+
+
+# -----------------------------------------------------------------------------
+# The MoE layer
+
+
+class MoE(nn.Module):
+    """Routed SwiGLU experts (+ optional shared experts). forward(x) -> (y, aux).
+
+    Expert weights are stacked, one parameter per projection with a leading expert dimension and
+    stored (out, in) like nn.Linear, so a single grouped matmul serves every expert:
+        expert_i(x) = (silu(x W_gate_i^T) * (x W_up_i^T)) W_down_i^T
+    """
+
+    def __init__(self, config, shared_experts: nn.Module | None = None):
+        super().__init__()
+        C, H, E = config.n_embd, config.expert_hidden, config.n_experts
+        self.n_experts, self.top_k = E, config.top_k
+        self.deepseek = config.ffn_type == 'deepseek_moe'
+        self.score_func = config.score_func
+        self.capacity_factor = config.capacity_factor
+        self.aux_loss_coef = config.aux_loss_coef
+        self.balance_loss_coef = config.balance_loss_coef
+        self.z_loss_coef = config.z_loss_coef
+        self.seq_aux_coef = config.seq_aux_coef
+        self.bias_update_speed = config.bias_update_speed
+        self.dispatch_impl = config.moe_dispatch
+        self.router = nn.Linear(C, E, bias=False)           # u_t . e_i: one score per expert
+        self.w_gate = nn.Parameter(torch.empty(E, H, C))
+        self.w_up = nn.Parameter(torch.empty(E, H, C))
+        self.w_down = nn.Parameter(torch.empty(E, C, H))
+        # DeepSeekMoE: shared experts see every token. They are an ordinary dense SwiGLU of width
+        # n_shared * expert_hidden (the sum of n_shared SwiGLU experts is exactly that), built by model.py.
+        self.shared_experts = shared_experts
+        # Auxiliary-loss-free balancing bias b_i (DeepSeek-V3 eq. 16). A buffer: saved in checkpoints,
+        # never touched by the optimizer; changed only by update_bias().
+        self.register_buffer('expert_bias', torch.zeros(E))
+
+    # -- routing ----------------------------------------------------------------
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """x (N, C) -> gates (N, k), idx (N, k), scores (N, E), logits (N, E).
+
+        The router runs in float32 even under bf16 autocast: top-k near-ties and a bias step of
+        gamma = 1e-3 are below bf16's resolution (about 4e-3 near 0.5).
+        """
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.router.weight.float())      # (N, E) u_t . e_i
+        if self.score_func == 'sigmoid':
+            scores = torch.sigmoid(logits)                    # s_{i,t} = sigmoid(u_t . e_i)  (V3 eq. 15)
+        else:
+            scores = F.softmax(logits, dim=-1)                # s_{i,t} = softmax_i(u_t . e_i)
+        # top-k of the biased scores: b_i changes WHICH experts are chosen (V3 eq. 16), never the gates
+        idx = (scores + self.expert_bias).topk(self.top_k, dim=-1).indices        # (N, k)
+        if self.deepseek:
+            gates = scores.gather(1, idx)                     # g_{i,t} = s_{i,t} for i in TopK
+            if self.score_func == 'sigmoid':
+                gates = gates / gates.sum(-1, keepdim=True)   # V3 eq. 13: normalise over the chosen
+        else:
+            # standard MoE: softmax over the kept logits, i.e. softmax(u_t masked to -inf off the top-k);
+            # the masked entries would contribute exp(-inf) = 0, so softmax of the gathered k is the same
+            gates = F.softmax(logits.gather(1, idx), dim=-1)
+        return gates, idx, scores, logits
+
+    # -- dispatch ---------------------------------------------------------------
+
+    def _sort_slots(self, idx: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Order the N*k token-slots by expert. Returns (order, counts, keep).
+
+        order: (N*k,) slot ids (choice-major: slot j*N + t is token t's j-th choice) sorted by expert;
+               slots dropped by capacity are moved to the very end.
+        counts: (E,) int64 slots each expert actually processes (after dropping).
+        keep: (N*k,) bool, in sorted order, False for dropped slots; None when dropless.
+        Everything stays on the device: no .item()/.tolist(), so no host sync and one compiled graph.
+        """
+        flat_expert = idx.t().reshape(-1)          # (k, N) -> (k*N,): all first choices, then second...
+        # stable sort: within an expert, first choices come before second choices, and earlier tokens
+        # before later ones; that is the priority order in which capacity is filled (GShard)
+        order = torch.argsort(flat_expert, stable=True)
+        counts = expert_load(idx, self.n_experts).long()
+        if not capacity:
+            return order, counts, None
+        starts = counts.cumsum(0) - counts                       # first sorted row of each expert
+        position = torch.arange(order.numel(), device=idx.device) - starts[flat_expert[order]]
+        keep = position < capacity                               # rank within its expert < C
+        # move the dropped slots behind all kept ones; the kept ones keep their grouped order
+        back = torch.argsort((~keep).to(torch.int8), stable=True)
+        return order[back], counts.clamp(max=capacity), keep[back]
+
+    def _experts_grouped(self, xs: Tensor, counts: Tensor, keep: Tensor | None) -> Tensor:
+        """All experts in three grouped matmuls. xs (M, C) sorted by expert; counts (E,)."""
+        offs = counts.cumsum(0).to(torch.int32)       # end row of each expert's group
+        dtype = xs.dtype
+
+        def gmm(a: Tensor, w: Tensor) -> Tensor:      # rows of group e times w[e]^T
+            if keep is None:
+                return F.grouped_mm(a, w.to(dtype).transpose(-2, -1), offs=offs)
+            # rows past offs[-1] (the dropped slots) are left uninitialised by grouped_mm: zero them on
+            # the way in and out so neither values nor gradients of garbage can leak
+            a = torch.where(keep[:, None], a, 0)
+            return torch.where(keep[:, None], F.grouped_mm(a, w.to(dtype).transpose(-2, -1), offs=offs), 0)
+
+        h = F.silu(gmm(xs, self.w_gate)) * gmm(xs, self.w_up)       # (M, C) -> (M, H)
+        return gmm(h, self.w_down)                                  # (M, H) -> (M, C)
+
+    def _experts_loop(self, xs: Tensor, counts: Tensor, keep: Tensor | None) -> Tensor:
+        """Reference/fallback: a loop over experts, each on its contiguous slice of rows.
+
+        unbind() gives per-expert views whose backward stacks the gradients once; indexing w[e] in a
+        loop would write a full-size zero gradient per expert (see PYTORCH_NOTES.md).
+        """
+        sizes = counts.tolist()                       # host sync: acceptable on the fallback path only
+        sizes.append(xs.shape[0] - sum(sizes))        # dropped slots at the end (0 when dropless)
+        chunks = xs.split(sizes)
+        outs = [F.linear(F.silu(F.linear(xe, wg)) * F.linear(xe, wu), wd)
+                for xe, wg, wu, wd in zip(chunks, self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0))]
+        outs.append(torch.zeros_like(chunks[-1]))     # dropped slots contribute exactly zero
+        return torch.cat(outs)
+
+    def dispatch(self, x: Tensor, gates: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """y_t = sum_{i in TopK_t} g_{i,t} * expert_i(x_t), without a loop over tokens.
+
+        x (N, C), gates/idx (N, k) -> y (N, C) and the number of dropped slots (scalar tensor).
+        """
+        N, k = idx.shape
+        capacity = expert_capacity(N, self.n_experts, k, self.capacity_factor)
+        order, counts, keep = self._sort_slots(idx, capacity)
+        token = order % N                                  # slot j*N + t belongs to token t
+        gate = gates.t().reshape(-1)[order]                # (N*k,) gate of each sorted slot
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):       # cast explicitly: grouped_mm is not autocast
+            dtype = torch.get_autocast_dtype(x.device.type)
+        xs = x[token].to(dtype)                            # (N, C) -> (N*k, C) gathered, grouped by expert
+        # grouped_mm: on CPU in eager mode any float dtype; when compiled or on CUDA only bfloat16
+        grouped_ok = dtype == torch.bfloat16 or (x.device.type == 'cpu' and not torch.compiler.is_compiling())
+        if self.dispatch_impl == 'grouped' and grouped_ok:
+            ys = self._experts_grouped(xs, counts, keep)
+        else:
+            ys = self._experts_loop(xs, counts, keep)
+        if keep is not None:
+            gate = gate * keep                              # dropped slots: weight 0 (their rows are 0)
+        ys = ys * gate[:, None].to(ys.dtype)               # g_{i,t} * expert_i(x_t)
+        y = torch.zeros(N, x.shape[1], device=x.device, dtype=ys.dtype).index_add_(0, token, ys)
+        dropped = (N * k - counts.sum()).float()
+        return y.to(x.dtype), dropped
+
+    # -- forward ----------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> tuple[Tensor, dict]:
+        B, T, C = x.shape
+        xf = x.reshape(B * T, C)                           # (B, T, C) -> (N, C)
+        gates, idx, scores, logits = self.route(xf)
+        y, dropped = self.dispatch(xf, gates, idx)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(xf)                # shared experts see every token
+        # auxiliary losses, each switched on by its coefficient (0 = off, not computed)
+        zero = xf.new_zeros((), dtype=torch.float32)
+        losses = {}
+        if self.aux_loss_coef > 0:
+            gates_dense = torch.zeros_like(scores).scatter(1, idx, gates.to(scores.dtype))  # (N, E)
+            losses['importance_loss'] = importance_loss(gates_dense)
+        if self.balance_loss_coef > 0:
+            probs = scores / scores.sum(-1, keepdim=True)  # = scores for softmax; normalised for sigmoid
+            losses['balance_loss'] = load_balance_loss(probs, idx, self.n_experts)
+        if self.z_loss_coef > 0:
+            losses['z_loss'] = router_z_loss(logits)
+        if self.seq_aux_coef > 0:
+            losses['seq_aux_loss'] = sequence_balance_loss(scores, idx, self.n_experts, B)
+        aux_loss = (self.aux_loss_coef * losses.get('importance_loss', zero)
+                    + self.balance_loss_coef * losses.get('balance_loss', zero)
+                    + self.z_loss_coef * losses.get('z_loss', zero)
+                    + self.seq_aux_coef * losses.get('seq_aux_loss', zero))
+        aux = {
+            'aux_loss': aux_loss,
+            'expert_counts': expert_load(idx, self.n_experts).detach(),   # routed, before dropping
+            'dropped_frac': (dropped / idx.numel()).detach(),
+            **{name: value.detach() for name, value in losses.items()},
+        }
+        return y.view(B, T, C), aux
+
+    # -- auxiliary-loss-free balancing -----------------------------------------------
+
+    @torch.no_grad()
+    def update_bias(self, counts: Tensor) -> None:
+        """DeepSeek-V3 sec. 2.1.2: b_i += gamma * sign(mean load - load_i), once per optimizer step.
+
+        counts: (E,) token-slots per expert over the whole step (all micro-steps, summed over DDP
+        ranks first, so that every rank computes the same bias). Overloaded experts get a lower bias
+        and are chosen less; underloaded ones a higher bias. No-op when gamma = 0.
+        """
+        if self.bias_update_speed > 0:
+            counts = counts.to(self.expert_bias.device, torch.float32)
+            self.expert_bias += self.bias_update_speed * torch.sign(counts.mean() - counts)

@@ -1,0 +1,197 @@
+"""model.py: the GPT around the FFNs, its parameter counts, optimizer groups, checkpoints and compile."""
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import GPT, GPTConfig, MLP, load_checkpoint  # noqa: E402
+from moe import MoE  # noqa: E402
+
+TINY = dict(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32, ffn_hidden=64)
+KINDS = {
+    'dense': dict(ffn_type='dense'),
+    'moe': dict(ffn_type='moe', n_experts=4, top_k=2, expert_hidden=32, capacity_factor=1.25,
+                balance_loss_coef=0.01, z_loss_coef=0.001, aux_loss_coef=0.01),
+    'deepseek_moe': dict(ffn_type='deepseek_moe', n_experts=14, top_k=3, n_shared_experts=2, expert_hidden=8,
+                         score_func='sigmoid', bias_update_speed=0.01, seq_aux_coef=0.001),
+}
+
+
+def tiny(kind: str, **kw) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{**TINY, **KINDS[kind], **kw}))
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_forward_shapes_and_initial_loss(kind):
+    model = tiny(kind)
+    idx = torch.randint(0, 256, (3, 16))
+    targets = torch.randint(0, 256, (3, 16))
+    logits, loss, aux = model(idx, targets, return_aux=True)
+    assert logits.shape == (3, 16, 256)
+    assert abs(aux['ce_loss'].item() - math.log(256)) < 0.1        # near-uniform predictions at init
+    n_moe = 0 if kind == 'dense' else 2
+    assert aux['expert_counts'].shape[0] == n_moe and aux['dropped_frac'].shape == (n_moe,)
+    if kind != 'dense':
+        k = model.config.top_k
+        assert aux['expert_counts'].sum(-1).tolist() == [3 * 16 * k] * n_moe     # every token-slot counted
+        assert aux['aux_loss'].item() > 0
+    # the objective is cross-entropy plus the weighted auxiliary losses
+    torch.testing.assert_close(loss, aux['ce_loss'] + aux['aux_loss'])
+    logits, loss = model(idx)                                        # inference: last position only
+    assert logits.shape == (3, 1, 256) and loss is None
+
+
+def test_aux_losses_weighted_by_their_coefficients():
+    model = tiny('moe')
+    idx = torch.randint(0, 256, (2, 16))
+    _, _, aux = model(idx, idx, return_aux=True)
+    expected = (0.01 * aux['importance_loss'] + 0.01 * aux['balance_loss'] + 0.001 * aux['z_loss']) * 2  # 2 layers
+    torch.testing.assert_close(aux['aux_loss'], expected)
+
+
+def test_n_dense_layers_keeps_first_blocks_dense():
+    model = tiny('deepseek_moe', n_layer=3, n_dense_layers=1)
+    assert isinstance(model.transformer.h[0].ffn, MLP)
+    assert all(isinstance(model.transformer.h[i].ffn, MoE) for i in (1, 2))
+    assert model.moe_layer_ids() == [1, 2]
+
+
+def test_param_counts_by_hand():
+    model = tiny('moe')
+    total = sum(p.numel() for p in model.parameters()) - 16 * 32       # without wpe
+    per_expert = 3 * 32 * 32
+    assert model.param_counts() == {'total': total, 'active': total - 2 * (4 - 2) * per_expert}
+    dense = tiny('dense')
+    # dense: embeddings + per block (ln 2*32, attn 4*32*32, SwiGLU 3*32*64) + ln_f
+    assert dense.param_counts()['total'] == 256 * 32 + 2 * (2 * 32 + 4 * 32 * 32 + 3 * 32 * 64) + 32
+
+
+def test_mfu_counts_active_params():
+    model = tiny('moe')
+    n_active = model.param_counts()['active']
+    flops_per_token = 6 * n_active + 12 * 2 * 2 * 16 * 16
+    assert model.flops_per_token() == flops_per_token
+    assert model.estimate_mfu(4, 0.5, 1e12) == pytest.approx(flops_per_token * 16 * 4 / 0.5 / 1e12)
+
+
+def test_optimizer_groups_and_balancing_bias_is_not_optimised():
+    model = tiny('deepseek_moe', bias=True)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    decay, no_decay = opt.param_groups
+    assert decay['weight_decay'] == 0.1 and no_decay['weight_decay'] == 0.0
+    assert all(p.dim() >= 2 for p in decay['params']) and all(p.dim() < 2 for p in no_decay['params'])
+    layer = model.transformer.h[0].ffn
+    assert any(p is layer.w_gate for p in decay['params'])                  # stacked experts decay
+    assert any(p is model.transformer.h[0].ln_1.weight for p in no_decay['params'])
+    ids = {id(p) for g in opt.param_groups for p in g['params']}
+    assert id(layer.expert_bias) not in ids
+    assert any(name.endswith('expert_bias') for name, _ in model.named_buffers())
+    assert len(ids) == len(list(model.parameters()))                        # tied weight counted once
+
+
+def test_residual_projections_get_scaled_init():
+    model = GPT(GPTConfig(**{**TINY, **KINDS['moe'], 'n_embd': 128, 'expert_hidden': 256, 'n_layer': 8}))
+    resid = 0.02 / math.sqrt(16)
+    layer = model.transformer.h[0].ffn
+    assert layer.w_down.std().item() == pytest.approx(resid, rel=0.05)
+    assert layer.w_gate.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.transformer.h[0].attn.c_proj.weight.std().item() == pytest.approx(resid, rel=0.05)
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+@pytest.mark.parametrize('bad, message', [
+    (dict(ffn_type='moe', n_experts=4, top_k=5), 'top_k=5 is impossible'),
+    (dict(ffn_type='moe', n_experts=4, top_k=0), 'top_k=0 is impossible'),
+    (dict(ffn_type='sparse'), 'ffn_type must be'),
+    (dict(ffn_type='moe', score_func='sigmoid'), "use it with ffn_type='deepseek_moe'"),
+    (dict(n_embd=30, n_head=4), 'divisible'),
+    (dict(ffn_type='moe', moe_dispatch='fast'), 'moe_dispatch'),
+])
+def test_config_errors_name_the_problem(bad, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**{**TINY, **bad})
+
+
+@pytest.mark.parametrize('kind', ['moe', 'deepseek_moe'])
+def test_grouped_and_loop_dispatch_agree_inside_the_model(kind):
+    a, b = tiny(kind, moe_dispatch='grouped'), tiny(kind, moe_dispatch='loop')
+    b.load_state_dict(a.state_dict())
+    idx = torch.randint(0, 256, (2, 16))
+    la, lb = a(idx, idx)[1], b(idx, idx)[1]
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_update_moe_biases_per_layer():
+    model = tiny('deepseek_moe')
+    counts = torch.zeros(2, 14)
+    counts[0, 0] = 100.0          # layer 0: expert 0 overloaded, the rest under
+    counts[1] = 7.0               # layer 1: perfectly even, nothing moves
+    model.update_moe_biases(counts)
+    b0, b1 = (layer.expert_bias for layer in model.moe_layers())
+    assert b0[0].item() == pytest.approx(-0.01) and b0[1:].tolist() == pytest.approx([0.01] * 13)
+    assert b1.abs().sum().item() == 0.0
+
+
+def test_generate_extends_the_sequence():
+    model = tiny('deepseek_moe')
+    out = model.generate(torch.zeros(2, 3, dtype=torch.long), max_new_tokens=20, temperature=0.8, top_k=5)
+    assert out.shape == (2, 23) and out.max() < 256
+
+
+def test_load_checkpoint_round_trip_and_errors(tmp_path):
+    model = tiny('deepseek_moe')
+    model.moe_layers()[0].expert_bias.fill_(0.5)
+    path = tmp_path / 'ckpt.pt'
+    state = {'_orig_mod.' + k: v for k, v in model.state_dict().items()}      # as saved from a compiled model
+    from dataclasses import asdict
+    torch.save({'model': state, 'model_args': asdict(model.config), 'iter_num': 3}, path)
+    loaded, ckpt = load_checkpoint(str(path))
+    assert ckpt['iter_num'] == 3
+    assert loaded.moe_layers()[0].expert_bias[0].item() == 0.5
+    idx = torch.randint(0, 256, (1, 16))
+    torch.testing.assert_close(loaded(idx)[0], model(idx)[0])
+    with pytest.raises(FileNotFoundError, match='not found'):
+        load_checkpoint(str(tmp_path / 'missing.pt'))
+    bad = tmp_path / 'bad.pt'
+    bad.write_bytes(b'not a checkpoint at all')
+    with pytest.raises(ValueError, match='corrupt'):
+        load_checkpoint(str(bad))
+    truncated = tmp_path / 'truncated.pt'
+    truncated.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match='corrupt'):
+        load_checkpoint(str(truncated))
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_compile_does_not_recompile_as_routing_changes(kind):
+    """One dynamo graph for a whole training run: routing (counts, offsets, the balancing bias) changes
+    every step but lives in tensors, never in Python values that dynamo would guard on. bf16 autocast,
+    as train.py uses on CUDA, keeps the MoE on the grouped_mm path (the float32 compiled path falls back to
+    the expert loop, which breaks the graph). aot_eager checks the graph capture without inductor's C++ build."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny(kind)
+    compiled = torch.compile(model, backend='aot_eager')
+    opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
+    for step in range(5):
+        idx = torch.randint(0, 256, (4, 16))
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            _, loss, aux = compiled(idx, idx, return_aux=True)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        model.update_moe_biases(aux['expert_counts'])
+    assert torch.isfinite(loss)
+    assert counters['stats']['unique_graphs'] == 1
+    assert not counters['recompiles'] and not counters['graph_break']

@@ -1,0 +1,295 @@
+"""moe.py against hand-computed numbers and a naive reference (a loop over tokens, every expert dense)."""
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import GPT, GPTConfig, MLP  # noqa: E402
+from moe import (MoE, coefficient_of_variation, expert_capacity, expert_load, importance,  # noqa: E402
+                 importance_loss, load_balance_loss, max_vio, router_z_loss, sequence_balance_loss)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# -----------------------------------------------------------------------------
+# The worked numbers of the balancing lesson
+
+# 4 tokens, 3 experts, top-2: the selector-weight matrix G (gate where chosen, else 0)
+G = torch.tensor([[0.5, 0.5, 0.0],
+                  [0.3, 0.0, 0.7],
+                  [0.6, 0.4, 0.0],
+                  [0.0, 0.1, 0.9]])
+
+
+def test_importance_is_column_sums_of_selector_weights():
+    imp = importance(G)
+    assert torch.allclose(imp, torch.tensor([1.4, 1.0, 1.6]))
+    pi = imp / G.shape[0]                      # pi_i = importance_i / tokens
+    assert pi[0].item() == pytest.approx(0.35)  # 1.4 over 4 tokens
+
+
+def test_importance_loss_cv_squared_by_hand():
+    # importance (1.4, 1.0, 1.6): mean 4/3; population variance
+    # ((1.4-4/3)^2 + (1.0-4/3)^2 + (1.6-4/3)^2) / 3 = (0.004444 + 0.111111 + 0.071111) / 3 = 0.062222
+    # CV^2 = 0.062222 / (4/3)^2 = 0.035; with lambda = 0.1 the loss is 0.0035
+    assert importance_loss(G).item() == pytest.approx(0.035, rel=1e-4)
+    assert 0.1 * importance_loss(G).item() == pytest.approx(0.0035, rel=1e-4)
+    assert importance_loss(torch.full((4, 3), 0.5)).item() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_load_fraction_and_switch_loss_by_hand():
+    # top-1 routing of 4 tokens: two go to expert 0, one to each of experts 1 and 2
+    idx = torch.tensor([[0], [0], [1], [2]])
+    load = expert_load(idx, 3)
+    assert load.tolist() == [2.0, 1.0, 1.0]
+    assert (load / idx.numel())[0].item() == 0.5              # F_0 = 2/4
+    probs = torch.tensor([[0.6, 0.2, 0.2], [0.5, 0.3, 0.2], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8]])
+    # P = (0.35, 0.3, 0.35); F = (0.5, 0.25, 0.25); N * sum F P = 3 * (0.175 + 0.075 + 0.0875) = 1.0125
+    assert load_balance_loss(probs, idx, 3).item() == pytest.approx(1.0125, rel=1e-6)
+    # perfectly uniform routing and probabilities give exactly 1
+    uniform_idx = torch.tensor([[0], [1], [2]])
+    assert load_balance_loss(torch.full((3, 3), 1 / 3), uniform_idx, 3).item() == pytest.approx(1.0)
+
+
+def test_capacity_formula():
+    # top-1: capacity = tokens / experts * capacity factor
+    assert expert_capacity(1024, 8, 1, 1.0) == 128
+    assert expert_capacity(1024, 8, 1, 1.25) == 160
+    # top-2: twice the token-slots, twice the capacity
+    assert expert_capacity(1024, 8, 2, 1.25) == 320
+    assert expert_capacity(10, 4, 1, 1.0) == 3           # 2.5 rounded up
+    assert expert_capacity(1024, 8, 2, 0.0) == 0         # 0 = dropless
+
+
+def test_z_loss_maxvio_cv_by_hand():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    # logsumexp: log 2 and log 4 -> mean of squares
+    assert router_z_loss(logits).item() == pytest.approx((math.log(2) ** 2 + math.log(4) ** 2) / 2)
+    load = torch.tensor([4.0, 2.0, 1.0, 1.0])               # mean 2, max 4
+    assert max_vio(load).item() == pytest.approx(1.0)
+    assert coefficient_of_variation(load).item() == pytest.approx(math.sqrt(1.5) / 2)
+    assert max_vio(torch.ones(8)).item() == 0.0
+
+
+def test_sequence_balance_loss_by_hand():
+    # one sequence, T = 2 tokens, E = 2 experts, k = 1
+    scores = torch.tensor([[0.8, 0.2], [0.4, 0.6]])
+    idx = torch.tensor([[0], [0]])
+    # f = E/(kT) * counts = 2/2 * (2, 0) = (2, 0); P = mean of row-normalised scores = (0.6, 0.4); L = 1.2
+    assert sequence_balance_loss(scores, idx, 2, 1).item() == pytest.approx(1.2)
+    # two sequences are averaged: the second is balanced (f = (1, 1), P = (0.5, 0.5): L = 1)
+    scores2 = torch.cat([scores, torch.tensor([[0.5, 0.5], [0.5, 0.5]])])
+    idx2 = torch.cat([idx, torch.tensor([[0], [1]])])
+    assert sequence_balance_loss(scores2, idx2, 2, 2).item() == pytest.approx(1.1)
+
+
+# -----------------------------------------------------------------------------
+# Naive reference: route each token on its own, run every expert densely, add up by hand
+
+
+def make_layer(ffn_type='moe', n_experts=6, top_k=2, n_embd=16, hidden=8, shared=0, capacity_factor=0.0,
+               score_func='softmax', dispatch='grouped', seed=0, **kw) -> MoE:
+    cfg = GPTConfig(n_embd=n_embd, n_head=2, ffn_type=ffn_type, n_experts=n_experts, top_k=top_k,
+                    expert_hidden=hidden, n_shared_experts=shared, capacity_factor=capacity_factor,
+                    score_func=score_func, moe_dispatch=dispatch, **kw)
+    torch.manual_seed(seed)
+    layer = MoE(cfg, MLP(cfg, shared * hidden) if shared else None)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.5)
+    return layer
+
+
+def naive_moe(layer: MoE, x: torch.Tensor) -> torch.Tensor:
+    B, T, C = x.shape
+    xs = x.reshape(B * T, C)
+    N, E, k = xs.shape[0], layer.n_experts, layer.top_k
+    W = layer.router.weight
+    all_out = torch.stack([F.silu(xs @ layer.w_gate[e].T) * (xs @ layer.w_up[e].T) @ layer.w_down[e].T
+                           for e in range(E)], dim=1)                  # (N, E, C): every expert, every token
+    capacity = expert_capacity(N, E, k, layer.capacity_factor)
+    chosen, gate_values = [], []
+    for t in range(N):                                                # route token by token
+        u = W @ xs[t]
+        s = torch.sigmoid(u) if layer.score_func == 'sigmoid' else torch.softmax(u, 0)
+        sel = sorted(range(E), key=lambda e: -(s[e] + layer.expert_bias[e]).item())[:k]
+        if not layer.deepseek:
+            g = torch.exp(u[sel]) / torch.exp(u[sel]).sum()           # softmax over the kept logits
+        elif layer.score_func == 'sigmoid':
+            g = s[sel] / s[sel].sum()
+        else:
+            g = s[sel]
+        chosen.append(sel)
+        gate_values.append(g)
+    load = [0] * E
+    keep = [[True] * k for _ in range(N)]
+    if capacity:
+        for j in range(k):                       # first choices have priority over second choices
+            for t in range(N):                   # and earlier tokens over later ones
+                e = chosen[t][j]
+                keep[t][j] = load[e] < capacity
+                load[e] += 1
+    rows = []
+    for t in range(N):
+        y = torch.zeros(C)
+        for j in range(k):
+            if keep[t][j]:
+                y = y + gate_values[t][j] * all_out[t, chosen[t][j]]
+        if layer.shared_experts is not None:
+            y = y + layer.shared_experts(xs[t])
+        rows.append(y)
+    return torch.stack(rows).view(B, T, C)
+
+
+CASES = [
+    dict(ffn_type='moe'),
+    dict(ffn_type='moe', capacity_factor=1.0),
+    dict(ffn_type='moe', top_k=1, capacity_factor=0.5),
+    dict(ffn_type='deepseek_moe', n_experts=12, top_k=3, hidden=8, shared=2),
+    dict(ffn_type='deepseek_moe', n_experts=12, top_k=3, hidden=8, shared=2, score_func='sigmoid'),
+    dict(ffn_type='deepseek_moe', n_experts=12, top_k=3, hidden=8, shared=1, score_func='sigmoid',
+         capacity_factor=1.0),
+]
+
+
+@pytest.mark.parametrize('dispatch', ['grouped', 'loop'])
+@pytest.mark.parametrize('case', CASES, ids=lambda c: '-'.join(f'{k}={v}' for k, v in c.items()))
+def test_fast_dispatch_equals_naive_reference(case, dispatch):
+    layer = make_layer(dispatch=dispatch, **case)
+    if layer.deepseek:
+        with torch.no_grad():
+            layer.expert_bias.copy_(torch.linspace(-0.3, 0.3, layer.n_experts))   # bias active in selection
+    torch.manual_seed(1)
+    x = torch.randn(2, 10, 16)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_fast, aux = layer(x1)
+    y_ref = naive_moe(layer, x2)
+    torch.testing.assert_close(y_fast, y_ref, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(y_ref)
+    g_fast = torch.autograd.grad((y_fast * grad_out).sum(), [x1, *layer.parameters()])
+    g_ref = torch.autograd.grad((y_ref * grad_out).sum(), [x2, *layer.parameters()], allow_unused=True)
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b, atol=1e-5, rtol=1e-5)
+    if case.get('capacity_factor'):
+        assert aux['dropped_frac'].item() > 0     # the case really exercises dropping
+
+
+def test_capacity_never_exceeded_and_dropped_slots_are_zero():
+    # a router that prefers expert 0 for every token: with top-1 and capacity 2, tokens past the
+    # second get nothing from the routed experts (the residual path carries them in the model)
+    layer = make_layer(ffn_type='moe', n_experts=4, top_k=1, capacity_factor=1.0)
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 16).abs()
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0] = 1.0               # expert 0 wins for positive inputs
+    gates, idx, _, _ = layer.route(x.view(8, 16))
+    assert (idx == 0).all()
+    capacity = expert_capacity(8, 4, 1, 1.0)
+    assert capacity == 2
+    order, counts, keep = layer._sort_slots(idx, capacity)
+    assert counts.max().item() <= capacity and keep.sum().item() == 2
+    y, aux = layer(x)
+    assert y[0, :2].abs().sum() > 0                # the first two tokens are processed
+    assert torch.equal(y[0, 2:], torch.zeros_like(y[0, 2:]))   # the rest: exactly zero
+    assert aux['dropped_frac'].item() == pytest.approx(6 / 8)
+    assert aux['expert_counts'].tolist() == [8.0, 0.0, 0.0, 0.0]   # routed counts, before dropping
+
+
+def test_topk_picks_distinct_experts_and_valid_gates():
+    for case in CASES:
+        layer = make_layer(**case)
+        gates, idx, scores, _ = layer.route(torch.randn(50, 16))
+        assert all(len(set(row)) == layer.top_k for row in idx.tolist())
+        assert (gates >= 0).all()
+        if not layer.deepseek or layer.score_func == 'sigmoid':
+            torch.testing.assert_close(gates.sum(-1), torch.ones(50))
+
+
+# -----------------------------------------------------------------------------
+# Auxiliary-loss-free balancing
+
+
+def test_bias_changes_choice_not_gate_values():
+    layer = make_layer(ffn_type='deepseek_moe', n_experts=8, top_k=2, score_func='softmax')
+    x = torch.randn(30, 16)
+    gates0, idx0, scores0, _ = layer.route(x)
+    with torch.no_grad():
+        layer.expert_bias[5] = 10.0                # expert 5 now always chosen
+    gates1, idx1, scores1, _ = layer.route(x)
+    assert (idx1 == 5).any(-1).all() and not (idx0 == 5).any(-1).all()
+    torch.testing.assert_close(scores1, scores0)                         # affinities untouched
+    torch.testing.assert_close(gates1, scores1.gather(1, idx1))          # gate = unbiased affinity
+    # where the chosen set is unchanged, the gate values are identical
+    same = (idx0.sort(-1).values == idx1.sort(-1).values).all(-1)
+    assert same.any()
+
+
+def test_one_bias_update_moves_by_gamma():
+    layer = make_layer(ffn_type='deepseek_moe', n_experts=4, top_k=1, bias_update_speed=0.01)
+    layer.update_bias(torch.tensor([10.0, 2.0, 4.0, 4.0]))    # mean 5
+    assert layer.expert_bias.tolist() == pytest.approx([-0.01, 0.01, 0.01, 0.01])
+    layer.update_bias(torch.tensor([5.0, 5.0, 9.0, 1.0]))     # exactly at the mean: no change
+    assert layer.expert_bias.tolist() == pytest.approx([-0.01, 0.01, 0.0, 0.02])
+    off = make_layer(ffn_type='deepseek_moe', n_experts=4, top_k=1, bias_update_speed=0.0)
+    off.update_bias(torch.tensor([10.0, 2.0, 4.0, 4.0]))
+    assert off.expert_bias.abs().sum().item() == 0.0
+
+
+def test_repeated_bias_updates_balance_a_skewed_router():
+    layer = make_layer(ffn_type='deepseek_moe', n_experts=8, top_k=2, score_func='sigmoid',
+                       bias_update_speed=0.01)
+    torch.manual_seed(0)
+    x = torch.randn(512, 16)
+    with torch.no_grad():
+        layer.router.weight.mul_(0.2)
+        layer.router.weight[:2] += 0.5 * x.mean(0) / x.mean(0).norm() ** 2 * 4   # experts 0, 1 favoured
+    def maxvio_now():
+        _, idx, _, _ = layer.route(x)
+        return max_vio(expert_load(idx, 8)).item()
+    before = maxvio_now()
+    for _ in range(300):
+        _, idx, _, _ = layer.route(x)
+        layer.update_bias(expert_load(idx, 8))
+    after = maxvio_now()
+    assert before > 1.0
+    assert after < 0.25 * before, (before, after)
+
+
+def test_shared_experts_see_every_token():
+    layer = make_layer(ffn_type='deepseek_moe', n_experts=8, top_k=2, shared=2)
+    seen = []
+    layer.shared_experts.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    x = torch.randn(3, 5, 16)
+    y, _ = layer(x)
+    assert seen[0].shape == (15, 16) and torch.equal(seen[0], x.view(15, 16))
+    # and the layer output is routed part + shared part for every token
+    routed, _ = layer.dispatch(x.view(15, 16), *layer.route(x.view(15, 16))[:2])
+    torch.testing.assert_close(y.view(15, 16), routed + layer.shared_experts(x.view(15, 16)))
+
+
+# -----------------------------------------------------------------------------
+# The config files: standard MoE and DeepSeekMoE have the same size
+
+
+def build_from_config(name: str) -> GPT:
+    settings = {'n_embd': GPTConfig.n_embd}              # the files compute widths from n_embd
+    with open(os.path.join(REPO, 'config', name)) as f:
+        exec(f.read(), settings)
+    fields = {k: v for k, v in settings.items() if k in GPTConfig.__dataclass_fields__}
+    return GPT(GPTConfig(**fields))
+
+
+def test_moe_and_deepseek_configs_match_in_total_and_active_params():
+    dense = build_from_config('dense.py').param_counts()
+    moe = build_from_config('moe.py').param_counts()
+    ds = build_from_config('deepseek_moe.py').param_counts()
+    assert abs(moe['total'] - ds['total']) / moe['total'] < 0.02
+    assert abs(moe['active'] - ds['active']) / moe['active'] < 0.02
+    assert abs(dense['active'] - moe['active']) / dense['active'] < 0.02   # dense = same active width
+    # per MoE layer a token skips 8 - 2 = 6 experts of 3 * n_embd * expert_hidden weights, in 6 layers
+    assert moe['total'] - moe['active'] == 6 * (3 * 384 * 768) * 6
