@@ -1,0 +1,279 @@
+"""
+Benchmark: what does an MoE step cost over a dense model with the same ACTIVE FFN width?
+
+    python bench.py                          # CPU: n_layer 2, n_embd 256, 8 x 256 tokens
+    python bench.py --device cuda            # bf16 autocast + torch.compile, sizes 6x384 and 12x768
+    python bench.py --sizes 2x256 4x512 --batch_size 8 --block_size 256 --rounds 15
+
+For each size (n_layer x n_embd) it builds
+    dense         SwiGLU FFN of width 4 * n_embd
+    moe           8 experts, top-2, each 2 * n_embd wide                (config/moe.py)
+    deepseek_moe  2 shared + 30 routed experts of n_embd / 2, top-6     (config/deepseek_moe.py)
+    E=64, E=256   2 shared + 62 routed (top-6) / 254 routed (top-14), same active width 4 * n_embd
+and times full training steps (forward, backward, AdamW) after a warm-up, interleaving the models round
+by round, so that a slow moment of the machine hits all of them; each MoE's cost is the median over rounds
+of its step time divided by dense's in the same round. Then the same for one FFN layer alone (forward +
+backward on B*T tokens), and the dispatch share: the MoE layer's time minus its expert matmuls alone
+(router, sort, gather, weighting, scatter-add, balancing statistics), as a share of the full step.
+Ratios are measured in one run on one machine; absolute times move with the machine, ratios much less.
+"""
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+
+from model import GPT, GPTConfig, MLP, gpu_peak_flops
+from moe import MoE, expert_capacity
+
+
+def model_configs(n_layer: int, n_embd: int, vocab_size: int, block_size: int, scaling: bool) -> dict[str, GPTConfig]:
+    """The benchmarked models, all with active FFN width 4 * n_embd (what config/*.py set, plus the
+    scaling rows). capacity_factor 1.25 for moe, as in config/moe.py: dropping happens before the matmuls."""
+    base = dict(n_layer=n_layer, n_embd=n_embd, n_head=max(1, n_embd // 64), vocab_size=vocab_size,
+                block_size=block_size, ffn_hidden=4 * n_embd)
+    configs = {
+        'dense': GPTConfig(**base, ffn_type='dense'),
+        'moe': GPTConfig(**base, ffn_type='moe', n_experts=8, top_k=2, expert_hidden=2 * n_embd,
+                         capacity_factor=1.25, balance_loss_coef=0.01, z_loss_coef=0.001),
+        'deepseek_moe': GPTConfig(**base, ffn_type='deepseek_moe', n_experts=30, n_shared_experts=2, top_k=6,
+                                  expert_hidden=n_embd // 2, score_func='sigmoid', bias_update_speed=0.001),
+    }
+    if scaling:   # more, narrower experts at the same active width: (2 shared + k routed) * h = 4 * n_embd
+        configs['E=64'] = GPTConfig(**base, ffn_type='deepseek_moe', n_experts=62, n_shared_experts=2, top_k=6,
+                                    expert_hidden=n_embd // 2, score_func='sigmoid', bias_update_speed=0.001)
+        configs['E=256'] = GPTConfig(**base, ffn_type='deepseek_moe', n_experts=254, n_shared_experts=2, top_k=14,
+                                     expert_hidden=n_embd // 4, score_func='sigmoid', bias_update_speed=0.001)
+    return configs
+
+
+def routed_experts(cfg: GPTConfig) -> int:
+    return 0 if cfg.ffn_type == 'dense' else cfg.n_experts + cfg.n_shared_experts
+
+
+def timer(device: str):
+    """Returns now(): wall-clock seconds after the device has finished all queued work."""
+    def now() -> float:
+        if device == 'cuda':
+            torch.cuda.synchronize()
+        return time.perf_counter()
+    return now
+
+
+def interleaved_times(fns: dict, warmup: int, rounds: int, device: str) -> dict[str, list[float]]:
+    """Run every fn `warmup` times, then `rounds` rounds of one call each, in turn. Seconds per call."""
+    now = timer(device)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = now()
+            fn()
+            times[name].append(now() - t0)
+    return times
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a_r / b_r (per-pair ratios cancel slow phases common to both)."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def train_step_fn(cfg: GPTConfig, args, device: str):
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device)
+    step_model = torch.compile(model) if args.compile else model
+    x = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.block_size), device=device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == 'bfloat16')
+
+    def step():
+        with autocast:
+            _, loss, aux = step_model(x, x, return_aux=True)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_moe_biases(aux['expert_counts'])
+    return model, step
+
+
+def ffn_layer_fns(cfg: GPTConfig, args, device: str):
+    """One FFN alone, forward + backward on B*T tokens; for MoE also its expert matmuls alone."""
+    torch.manual_seed(0)
+    n = args.batch_size * cfg.block_size
+    x = torch.randn(args.batch_size, cfg.block_size, cfg.n_embd, device=device, requires_grad=True)
+    gy = torch.randn(args.batch_size, cfg.block_size, cfg.n_embd, device=device)   # upstream gradient
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == 'bfloat16')
+    if cfg.ffn_type == 'dense':
+        layer = MLP(cfg, cfg.ffn_hidden).to(device)
+        run = (lambda: layer(x)) if not args.compile else torch.compile(lambda: layer(x))
+
+        def fwd_bwd():
+            with autocast:
+                y = run()
+            y.backward(gy.to(y.dtype))
+        return {'layer': fwd_bwd}
+    shared = MLP(cfg, cfg.n_shared_experts * cfg.expert_hidden) if cfg.n_shared_experts else None
+    layer = MoE(cfg, shared).to(device)
+    fwd = torch.compile(layer) if args.compile else layer
+
+    def fwd_bwd():
+        with autocast:
+            y, aux = fwd(x)
+        outs, grads = [y], [gy.to(y.dtype)]
+        if aux['aux_loss'].requires_grad:          # the balancing losses' backward is part of the cost
+            outs, grads = outs + [aux['aux_loss']], grads + [torch.ones_like(aux['aux_loss'])]
+        torch.autograd.backward(outs, grads)
+    # the same expert work on tokens already sorted by expert: what a perfect dispatch would cost
+    with torch.no_grad(), autocast:
+        xf = x.detach().view(n, cfg.n_embd)
+        _, idx, _, _ = layer.route(xf)
+        cap = expert_capacity(n, cfg.n_experts, cfg.top_k, cfg.capacity_factor)
+        order, counts, keep = layer._sort_slots(idx, cap)
+    dtype = torch.bfloat16 if args.dtype == 'bfloat16' else torch.float32
+    xs = xf[order % n].to(dtype).clone().requires_grad_()
+    xsh = xf.clone().requires_grad_()
+    experts = (lambda: layer._experts_grouped(xs, counts, keep)) if cfg.moe_dispatch == 'grouped' \
+        else (lambda: layer._experts_loop(xs, counts, keep))
+    experts = torch.compile(experts) if args.compile else experts
+
+    gys = torch.randn(xs.shape, device=device, dtype=dtype)
+    gy_flat = gy.view(n, cfg.n_embd)
+
+    def experts_only():
+        with autocast:
+            outs = [experts()]
+            if shared is not None:
+                outs.append(shared(xsh))
+        torch.autograd.backward(outs, [gys.to(outs[0].dtype)] + [gy_flat.to(o.dtype) for o in outs[1:]])
+    return {'layer': fwd_bwd, 'experts': experts_only}
+
+
+def check_no_host_sync(cfg: GPTConfig, args) -> str:
+    """CUDA only: run the MoE forward with sync debug mode 'error' (raises on .item(), .tolist(), ...)."""
+    layer = MoE(cfg, MLP(cfg, cfg.n_shared_experts * cfg.expert_hidden) if cfg.n_shared_experts else None).cuda()
+    x = torch.randn(args.batch_size, cfg.block_size, cfg.n_embd, device='cuda')
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        layer(x)                                  # first call: allocations, lazy init
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode('error')
+        try:
+            layer(x)
+            result = 'none'
+        except RuntimeError as e:
+            result = f'SYNC: {str(e).splitlines()[0]}'
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+    return result
+
+
+def bench_size(n_layer: int, n_embd: int, args, device: str) -> None:
+    configs = model_configs(n_layer, n_embd, args.vocab_size, args.block_size, not args.no_scaling)
+    tokens = args.batch_size * args.block_size
+    peak = gpu_peak_flops(device) if device == 'cuda' else None
+    print(f"\n## n_layer={n_layer} n_embd={n_embd}, {args.batch_size}x{args.block_size} tokens, "
+          f"vocab {args.vocab_size}, {args.dtype}, compile={args.compile}, device={device_name(device)}")
+
+    # 1. full training steps
+    steps, models = {}, {}
+    for name, cfg in configs.items():
+        models[name], steps[name] = train_step_fn(cfg, args, device)
+    times = interleaved_times(steps, args.warmup, args.rounds, device)
+    print("\n| model | routed+shared experts | top-k | total params | active params | ms/step | tokens/s | MFU | step / dense |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, cfg in configs.items():
+        ms = 1000 * statistics.median(times[name])
+        counts = models[name].param_counts()
+        mfu = models[name].estimate_mfu(args.batch_size, ms / 1000, peak) if peak else None
+        ratio = median_ratio(times[name], times['dense'])
+        print(f"| {name} | {routed_experts(cfg) or '-'} | {cfg.top_k if cfg.ffn_type != 'dense' else '-'} | "
+              f"{counts['total'] / 1e6:.2f}M | {counts['active'] / 1e6:.2f}M | {ms:.1f} | {tokens / ms * 1000:,.0f} | "
+              f"{f'{100 * mfu:.1f}%' if mfu else '-'} | {ratio:.3f}x |")
+    del models, steps
+
+    # 2. one FFN layer alone, and the dispatch share
+    fns = {}
+    for name, cfg in configs.items():
+        for part, fn in ffn_layer_fns(cfg, args, device).items():
+            fns[(name, part)] = fn
+    ltimes = interleaved_times(fns, args.warmup, args.rounds, device)
+    dense_layer = ltimes[('dense', 'layer')]
+    print("\n| FFN layer alone (fwd+bwd) | ms | layer / dense | dispatch ms | dispatch share of layer | dispatch share of step |")
+    print("|---|---:|---:|---:|---:|---:|")
+    slope_points = []
+    for name, cfg in configs.items():
+        layer_ms = 1000 * statistics.median(ltimes[(name, 'layer')])
+        ratio = median_ratio(ltimes[(name, 'layer')], dense_layer)
+        if cfg.ffn_type == 'dense':
+            print(f"| {name} | {layer_ms:.2f} | 1.000x | - | - | - |")
+            continue
+        slope_points.append((cfg.n_experts + cfg.n_shared_experts, ratio))
+        dispatch = [a - b for a, b in zip(ltimes[(name, 'layer')], ltimes[(name, 'experts')])]
+        dispatch_ms = 1000 * statistics.median(dispatch)
+        step_ms = 1000 * statistics.median(times[name])
+        n_moe = n_layer - cfg.n_dense_layers
+        print(f"| {name} | {layer_ms:.2f} | {ratio:.3f}x | {dispatch_ms:.2f} | {dispatch_ms / layer_ms:.0%} | "
+              f"{n_moe * dispatch_ms / step_ms:.0%} |")
+    if len(slope_points) >= 3:
+        # cost ~ experts^slope: slope 1 would mean cost proportional to the expert count, 0 free
+        xs = [math.log(e) for e, _ in slope_points]
+        ys = [math.log(r) for _, r in slope_points]
+        mx, my = statistics.mean(xs), statistics.mean(ys)
+        slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+        print(f"\nscaling: FFN-layer cost grows as (number of experts)^{slope:.2f} "
+              f"from {min(e for e, _ in slope_points)} to {max(e for e, _ in slope_points)} experts at equal active width")
+    if device == 'cuda':
+        print(f"host synchronisations in the deepseek_moe forward: {check_no_host_sync(configs['deepseek_moe'], args)}")
+
+
+def device_name(device: str) -> str:
+    if device == 'cuda':
+        return torch.cuda.get_device_name()
+    return f'cpu ({torch.get_num_threads()} threads)'
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--sizes', nargs='+', default=None, help="n_layer x n_embd, e.g. 2x256 6x384")
+    parser.add_argument('--batch_size', type=int, default=None, help="default 8 on CPU, 64 on CUDA")
+    parser.add_argument('--block_size', type=int, default=256)
+    parser.add_argument('--vocab_size', type=int, default=50304)
+    parser.add_argument('--warmup', type=int, default=None, help="default 3 on CPU, 10 on CUDA")
+    parser.add_argument('--rounds', type=int, default=None, help="default 10 on CPU, 30 on CUDA")
+    parser.add_argument('--dtype', choices=['float32', 'bfloat16'], default=None,
+                        help="default bfloat16 (autocast) on CUDA, float32 on CPU")
+    parser.add_argument('--compile', type=lambda s: s.lower() in ('1', 'true', 'yes'), default=None,
+                        help="torch.compile the models; default True on CUDA, False on CPU")
+    parser.add_argument('--threads', type=int, default=0, help="CPU threads (0 = torch's default)")
+    parser.add_argument('--no_scaling', action='store_true', help="skip the E=64 and E=256 rows")
+    args = parser.parse_args()
+    cuda = args.device == 'cuda'
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA GPU is visible; use --device cpu")
+    args.sizes = args.sizes or (['6x384', '12x768'] if cuda else ['2x256'])
+    args.batch_size = args.batch_size or (64 if cuda else 8)
+    args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 3)
+    args.rounds = args.rounds or (30 if cuda else 10)
+    args.dtype = args.dtype or ('bfloat16' if cuda else 'float32')
+    args.compile = cuda if args.compile is None else args.compile
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    print(f"torch {torch.__version__}, {device_name(args.device)}")
+    for size in args.sizes:
+        try:
+            n_layer, n_embd = (int(v) for v in size.lower().split('x'))
+        except ValueError:
+            raise SystemExit(f"error: --sizes takes n_layer x n_embd like 6x384, got {size!r}")
+        bench_size(n_layer, n_embd, args, args.device)
+
+
+if __name__ == '__main__':
+    main()
