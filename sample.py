@@ -1,0 +1,58 @@
+"""
+Sample text from a trained checkpoint.
+
+    python sample.py --out_dir=out-deepseek_moe
+    python sample.py --out_dir=out-moe --start="Once upon a time" --num_samples=3 --max_new_tokens=200
+    python sample.py --out_dir=out-dense --start=FILE:prompt.txt --temperature=0.7 --top_k=100
+"""
+
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from configurator import configure
+from model import load_checkpoint
+
+# -----------------------------------------------------------------------------
+out_dir = 'out-deepseek_moe'  # the run directory holding ckpt.pt
+start = '\n'                  # the prompt, or FILE:path to read it from a file
+num_samples = 3
+max_new_tokens = 200
+temperature = 0.8             # < 1 sharper, > 1 more random
+top_k = 200                   # sample only among the top_k most likely tokens; 0 = all
+seed = 1337
+device = 'auto'               # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
+dtype = 'auto'                # 'auto' (bfloat16 on CUDA if supported, else float32) | 'float32' | 'bfloat16'
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+
+if __name__ == '__main__':
+    try:
+        settings = configure(DEFAULTS, sys.argv[1:])
+        globals().update(settings)
+        if device == 'auto':
+            device = 'cuda' if torch.cuda.is_available() else 'cpu'
+        model, _ = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device)
+        if start.startswith('FILE:'):
+            with open(start[5:], encoding='utf-8') as f:
+                start = f.read()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    import tiktoken
+    enc = tiktoken.get_encoding('gpt2')
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    if dtype == 'auto':
+        dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+    torch.manual_seed(seed)
+    model.eval()
+    prompt = enc.encode(start, allowed_special={'<|endoftext|>'})
+    x = torch.tensor(prompt, dtype=torch.long, device=device)[None, ...]
+    with autocast:
+        for _ in range(num_samples):
+            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None)
+            print(start + enc.decode(y[0, len(prompt):].tolist()))
+            print('---------------')

@@ -1,0 +1,288 @@
+"""train.py and sample.py as a user runs them: subprocesses on tiny models and tiny data, on the CPU."""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(REPO, '..', 'shared')
+sys.path.insert(0, REPO)
+from configurator import configure  # noqa: E402
+from model import load_checkpoint  # noqa: E402
+from train import DEFAULTS, get_lr, sampler, windows  # noqa: E402
+
+TINY = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_embd=32', '--n_head=2', '--block_size=32',
+        '--batch_size=8', '--vocab_size=128', '--eval_iters=4', '--log_interval=5', '--warmup_iters=5',
+        '--learning_rate=3e-3', '--min_lr=3e-4']
+
+
+def env() -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    cache = os.path.join(SHARED, 'tiktoken_cache')
+    if os.path.isdir(cache):
+        e.setdefault('TIKTOKEN_CACHE_DIR', os.path.abspath(cache))
+    return e
+
+
+def run(args: list[str], check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, *args], cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory) -> str:
+    """A learnable token stream over 128 symbols: mostly a fixed successor rule, 10% random tokens."""
+    d = tmp_path_factory.mktemp('data')
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 60_000), ('val', 6_000)):
+        x = np.zeros(n, dtype=np.uint16)
+        for i in range(1, n):
+            x[i] = rng.integers(0, 128) if rng.random() < 0.1 else (int(x[i - 1]) * 5 + 3) % 128
+        x.tofile(d / f'{split}.bin')
+    return str(d)
+
+
+def metrics(out_dir) -> list[dict]:
+    with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def evals(out_dir) -> list[dict]:
+    return [r for r in metrics(out_dir) if r['type'] == 'eval']
+
+
+# -----------------------------------------------------------------------------
+# pure pieces
+
+
+def test_get_lr_by_hand():
+    args = dict(learning_rate=1.0, warmup_iters=9, lr_decay_iters=109, min_lr=0.1)
+    assert get_lr(0, **args) == pytest.approx(0.1)            # (0+1)/(9+1)
+    assert get_lr(8, **args) == pytest.approx(0.9)
+    assert get_lr(9, **args) == pytest.approx(1.0)            # warmup done: the peak
+    assert get_lr(59, **args) == pytest.approx(0.55)          # halfway through the cosine: (1 + 0.1) / 2
+    assert get_lr(109, **args) == pytest.approx(0.1)
+    assert get_lr(500, **args) == pytest.approx(0.1)          # floor after the decay
+
+
+def test_sampler_is_a_function_of_seed_rank_and_iteration():
+    data = np.arange(1000, dtype=np.uint16)
+    a = windows(data, sampler(1, 0, 7).integers(0, 900, size=4), 16)
+    b = windows(data, sampler(1, 0, 7).integers(0, 900, size=4), 16)
+    c = windows(data, sampler(1, 1, 7).integers(0, 900, size=4), 16)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+    assert torch.equal(a[1], a[0] + 1)                         # targets are inputs shifted by one
+
+
+def test_configurator(tmp_path):
+    s = configure(DEFAULTS, ['config/moe.py', '--top_k=1', '--learning_rate=1', '--out_dir=out-x'])
+    assert s['ffn_type'] == 'moe' and s['top_k'] == 1 and s['out_dir'] == 'out-x'
+    assert s['learning_rate'] == 1.0 and type(s['learning_rate']) is float      # int accepted for a float
+    assert s['expert_hidden'] == 2 * DEFAULTS['n_embd']
+    # a size overlay before the FFN config scales the FFN widths
+    overlay = tmp_path / 'size.py'
+    overlay.write_text('n_embd = 64\n')
+    assert configure(DEFAULTS, [str(overlay), 'config/deepseek_moe.py'])['expert_hidden'] == 32
+    with pytest.raises(ValueError, match="unknown setting 'top_kk'; did you mean 'top_k'"):
+        configure(DEFAULTS, ['--top_kk=2'])
+    with pytest.raises(ValueError, match="'top_k' expects int"):
+        configure(DEFAULTS, ['--top_k=two'])
+    with pytest.raises(ValueError, match="'compile' expects bool"):
+        configure(DEFAULTS, ['--compile=1'])
+    with pytest.raises(ValueError, match='not found'):
+        configure(DEFAULTS, ['config/nope.py'])
+    bad = tmp_path / 'bad.py'
+    bad.write_text('n_expert = 4\n')
+    with pytest.raises(ValueError, match="bad.py: unknown setting 'n_expert'; did you mean 'n_experts'"):
+        configure(DEFAULTS, [str(bad)])
+
+
+# -----------------------------------------------------------------------------
+# training runs
+
+
+@pytest.mark.parametrize('config', ['dense', 'moe', 'deepseek_moe'])
+def test_short_run_of_each_config_lowers_val_loss(config, data_dir, tmp_path):
+    out = tmp_path / 'out'
+    p = run(['train.py', f'config/{config}.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}',
+             '--max_iters=60', '--eval_interval=30', '--lr_decay_iters=60'])
+    rows = metrics(out)
+    assert rows[0]['type'] == 'config' and rows[0]['model_args']['ffn_type'] == config
+    assert rows[0]['total_params'] >= rows[0]['active_params'] > 0
+    ev = evals(out)
+    assert [r['iter'] for r in ev] == [0, 30, 60]
+    assert ev[-1]['val_loss'] < ev[0]['val_loss'] - 1.0, ev
+    for key in ('iter', 'tokens', 'train_loss', 'val_loss', 'lr', 'elapsed_s', 'tokens_per_s'):
+        assert key in ev[-1]
+    assert ev[-1]['tokens'] == 60 * 8 * 32
+    train_rows = [r for r in rows if r['type'] == 'train']
+    assert [r['iter'] for r in train_rows] == list(range(5, 61, 5))
+    if config == 'dense':
+        assert 'expert_counts' not in ev[-1] and rows[-1]['type'] == 'eval'
+    else:
+        n_exp = 8 if config == 'moe' else 30
+        k = 2 if config == 'moe' else 6
+        assert len(ev[-1]['expert_counts']) == 2 and len(ev[-1]['expert_counts'][0]) == n_exp
+        # the counts of the 30 steps since the last eval: every token-slot of every step
+        assert sum(ev[-1]['expert_counts'][0]) == 30 * 8 * 32 * k
+        assert len(ev[-1]['maxvio']) == 2 and len(ev[-1]['dropped_frac']) == 2
+        assert (max(ev[-1]['dropped_frac']) > 0) == (config == 'moe')     # only moe has a capacity
+        sel = rows[-1]
+        assert sel['type'] == 'expert_selection' and sel['layers'] == [0, 1]
+        assert [sum(c) for c in sel['counts']] == [8 * 32 * k] * 2
+        assert 'maxvio' in p.stdout
+    model, ckpt = load_checkpoint(str(out / 'ckpt.pt'))
+    assert ckpt['iter_num'] == 60 and ckpt['config']['ffn_type'] == config
+
+
+def test_real_tinystories_run_lowers_val_loss(tmp_path):
+    """The shared TinyStories sample, tokenized with GPT-2 BPE: a few dozen steps already help."""
+    src = os.path.join(SHARED, 'data', 'tinystories')
+    if not os.path.isdir(src) or not os.path.isdir(os.path.join(SHARED, 'tiktoken_cache')):
+        pytest.skip('../shared/data and ../shared/tiktoken_cache are not here')
+    os.environ.setdefault('TIKTOKEN_CACHE_DIR', os.path.abspath(os.path.join(SHARED, 'tiktoken_cache')))
+    import tiktoken
+    enc = tiktoken.get_encoding('gpt2')
+    rng = random.Random(0)
+    for split, n in (('train', 400), ('val', 40)):
+        with open(os.path.join(src, f'{split}.txt'), encoding='utf-8') as f:
+            stories = f.read().split('\n<|endoftext|>\n')[:-1]
+        ids = []
+        for story in rng.sample(stories, n):                  # the files are grouped by source: sample
+            ids += enc.encode_ordinary(story) + [enc.eot_token]
+        np.array(ids, dtype=np.uint16).tofile(tmp_path / f'{split}.bin')
+    args = [a for a in TINY if not a.startswith('--vocab_size')]
+    run(['train.py', 'config/deepseek_moe.py', *args, f'--data_dir={tmp_path}', f'--out_dir={tmp_path / "out"}',
+         '--max_iters=40', '--eval_interval=40', '--lr_decay_iters=40', '--n_embd=64', '--learning_rate=1e-2'])
+    ev = evals(tmp_path / 'out')
+    assert ev[0]['val_loss'] == pytest.approx(np.log(50304), abs=0.2)   # uniform over the vocabulary at init
+    assert ev[-1]['val_loss'] < ev[0]['val_loss'] - 2.0, ev
+
+
+@pytest.mark.parametrize('config', ['moe', 'deepseek_moe'])
+def test_resume_is_exact(config, data_dir, tmp_path):
+    common = ['train.py', f'config/{config}.py', *TINY, f'--data_dir={data_dir}', '--eval_interval=10',
+              '--lr_decay_iters=30', '--dropout=0.1']
+    run([*common, f'--out_dir={tmp_path / "a"}', '--max_iters=30'])
+    run([*common, f'--out_dir={tmp_path / "b"}', '--max_iters=20', '--always_save_checkpoint=True'])
+    run([*common, f'--out_dir={tmp_path / "b"}', '--max_iters=30', '--init_from=resume'])
+    a, b = evals(tmp_path / 'a'), evals(tmp_path / 'b')
+    assert [r['iter'] for r in b] == [0, 10, 20, 30]            # no duplicate eval at the resume point
+    for ra, rb in zip(a, b):
+        assert rb['val_loss'] == pytest.approx(ra['val_loss'], abs=1e-4)
+        assert rb['train_loss'] == pytest.approx(ra['train_loss'], abs=1e-4)
+    ma, _ = load_checkpoint(str(tmp_path / 'a' / 'ckpt.pt'))
+    mb, _ = load_checkpoint(str(tmp_path / 'b' / 'ckpt.pt'))
+    for la, lb in zip(ma.moe_layers(), mb.moe_layers()):         # the balancing biases resumed too
+        torch.testing.assert_close(la.expert_bias, lb.expert_bias, atol=1e-6, rtol=0)
+    if config == 'deepseek_moe':
+        assert ma.moe_layers()[0].expert_bias.abs().sum() > 0
+
+
+def test_sigkill_during_training_leaves_a_loadable_checkpoint(data_dir, tmp_path):
+    out = tmp_path / 'out'
+    rng = random.Random(0)
+    for attempt in range(3):
+        init = 'resume' if (out / 'ckpt.pt').exists() else 'scratch'
+        proc = subprocess.Popen([sys.executable, 'train.py', 'config/deepseek_moe.py', *TINY, f'--data_dir={data_dir}',
+                                 f'--out_dir={out}', '--max_iters=100000', '--eval_interval=1', '--eval_iters=1',
+                                 '--always_save_checkpoint=True', f'--init_from={init}'],
+                                cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while not (out / 'ckpt.pt').exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.2, 1.5))             # checkpoints are written every iteration: kill mid-way
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+        model, ckpt = load_checkpoint(str(out / 'ckpt.pt'))
+        assert ckpt['iter_num'] >= 1
+
+
+def test_user_errors_are_one_clean_line(data_dir, tmp_path):
+    p = run(['train.py', 'config/moe.py', *TINY, f'--data_dir={tmp_path / "missing"}'], check=False)
+    assert p.returncode != 0 and 'Traceback' not in p.stderr
+    assert p.stderr.strip().startswith('error:') and 'train.bin not found; run python data/tinystories/prepare.py' in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    p = run(['train.py', 'config/moe.py', '--top_k=9'], check=False)              # 8 experts
+    assert p.returncode != 0 and 'Traceback' not in p.stderr and 'top_k=9 is impossible' in p.stderr
+    p = run(['train.py', 'config/moe.py', '--n_expert=4'], check=False)
+    assert "did you mean 'n_experts'" in p.stderr and 'Traceback' not in p.stderr
+    # a corrupt checkpoint: a clear message on resume, and the file is left as it was
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'ckpt.pt').write_bytes(b'\x00garbage' * 100)
+    p = run(['train.py', 'config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}',
+             '--init_from=resume', '--max_iters=5'], check=False)
+    assert p.returncode != 0 and 'Traceback' not in p.stderr and 'corrupt' in p.stderr
+    assert (out / 'ckpt.pt').read_bytes() == b'\x00garbage' * 100
+    # training from scratch into a run directory with a checkpoint refuses instead of overwriting it
+    p = run(['train.py', 'config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=5'],
+            check=False)
+    assert p.returncode != 0 and '--init_from=resume' in p.stderr
+    assert (out / 'ckpt.pt').read_bytes() == b'\x00garbage' * 100
+
+
+def test_non_finite_loss_stops_with_the_iteration(data_dir, tmp_path):
+    out = tmp_path / 'out'
+    common = ['train.py', 'config/dense.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}',
+              '--eval_interval=10', '--always_save_checkpoint=True', '--grad_clip=0']
+    run([*common, '--max_iters=10'])
+    before = (out / 'ckpt.pt').read_bytes()
+    p = run([*common, '--max_iters=40', '--init_from=resume', '--learning_rate=1e30', '--warmup_iters=0'], check=False)
+    assert p.returncode != 0 and 'Traceback' not in p.stderr
+    assert re.search(r'non-finite loss at iteration 1\d\b', p.stderr), p.stderr   # resumed at 10: names the bad one
+    assert (out / 'ckpt.pt').read_bytes() == before                 # the last good checkpoint stays
+
+
+def test_ddp_two_cpu_processes_with_gloo(data_dir, tmp_path):
+    out = tmp_path / 'out'
+    p = run(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py', 'config/deepseek_moe.py',
+             *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=12', '--eval_interval=6',
+             '--gradient_accumulation_steps=2', '--lr_decay_iters=12'], timeout=600)
+    assert 'balancing biases identical on all 2 ranks' in p.stdout
+    rows = metrics(out)
+    assert sum(r['type'] == 'config' for r in rows) == 1 and rows[0]['world_size'] == 2   # written by rank 0 only
+    ev = evals(out)
+    assert [r['iter'] for r in ev] == [0, 6, 12]
+    # each step: 2 ranks x 1 micro-step x 8 x 32 tokens x top-6, summed over the 6 steps since the last eval
+    assert sum(ev[-1]['expert_counts'][0]) == 6 * 2 * 8 * 32 * 6
+    model, _ = load_checkpoint(str(out / 'ckpt.pt'))
+    assert model.moe_layers()[0].expert_bias.abs().sum() > 0
+
+
+def test_sample_prints_prompt_and_continuation(tmp_path):
+    if not os.path.isdir(os.path.join(SHARED, 'tiktoken_cache')):
+        pytest.skip('GPT-2 BPE files for tiktoken are not here (../shared/tiktoken_cache)')
+    d = tmp_path / 'data'
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for split in ('train', 'val'):
+        rng.integers(0, 50257, 5000).astype(np.uint16).tofile(d / f'{split}.bin')
+    args = [a for a in TINY if not a.startswith('--vocab_size')]
+    run(['train.py', 'config/deepseek_moe.py', *args, f'--data_dir={d}', f'--out_dir={tmp_path / "out"}',
+         '--max_iters=2', '--eval_interval=2'])
+    p = run(['sample.py', f'--out_dir={tmp_path / "out"}', '--start=Once upon a time', '--num_samples=2',
+             '--max_new_tokens=12', '--device=cpu'])
+    samples = p.stdout.split('---------------\n')
+    assert len(samples) == 3 and samples[-1] == ''
+    for s in samples[:2]:
+        assert s.startswith('Once upon a time') and len(s) > len('Once upon a time') + 5
+    prompt = tmp_path / 'prompt.txt'
+    prompt.write_text('Lily had a red ball.')
+    p = run(['sample.py', f'--out_dir={tmp_path / "out"}', f'--start=FILE:{prompt}', '--num_samples=1',
+             '--max_new_tokens=5', '--device=cpu'])
+    assert p.stdout.startswith('Lily had a red ball.')
+    p = run(['sample.py', f'--out_dir={tmp_path / "nowhere"}'], check=False)
+    assert p.returncode != 0 and 'not found' in p.stderr and 'Traceback' not in p.stderr

@@ -1,0 +1,412 @@
+"""
+Train a GPT with a dense, MoE or DeepSeekMoE feed-forward layer.
+
+One GPU or the CPU:
+    python train.py config/deepseek_moe.py
+    python train.py config/moe.py --max_iters=100 --compile=False
+Several GPUs (DDP), e.g. 8 on one node:
+    torchrun --standalone --nproc_per_node=8 train.py config/deepseek_moe.py
+Continue an interrupted run exactly where it stopped:
+    python train.py config/deepseek_moe.py --init_from=resume
+
+The defaults below are the TinyStories comparison: config/*.py change only the FFN, so dense, moe
+and deepseek_moe train on the same data, for the same steps, with the same optimizer.
+"""
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+
+from configurator import configure
+from model import GPT, GPTConfig, gpu_peak_flops, load_checkpoint
+from moe import max_vio
+
+# -----------------------------------------------------------------------------
+# default settings (config files and --key=value override them)
+# I/O
+out_dir = 'out'
+eval_interval = 250          # evaluate train/val loss every this many iterations
+log_interval = 10            # console line and a metrics row every this many iterations
+eval_iters = 50              # batches per loss estimate
+eval_only = False            # evaluate once and exit
+always_save_checkpoint = False  # save at every eval, not only when val loss improves
+init_from = 'scratch'        # 'scratch' | 'resume' (from out_dir/ckpt.pt)
+# wandb logging (optional; works offline with WANDB_MODE=offline)
+wandb_log = False
+wandb_project = 'moe-gpt'
+wandb_run_name = 'run'
+# data
+dataset = 'tinystories'      # data/<dataset>/{train,val}.bin, written by data/<dataset>/prepare.py
+data_dir = ''                # '' = data/<dataset> next to this script
+gradient_accumulation_steps = 1
+batch_size = 64              # sequences per micro-step (per process)
+block_size = 256
+# model
+vocab_size = 50304
+n_layer = 6
+n_head = 6
+n_embd = 384
+dropout = 0.0
+bias = False
+ffn_type = 'dense'           # 'dense' | 'moe' | 'deepseek_moe'
+ffn_hidden = 1536
+n_dense_layers = 0
+# moe
+n_experts = 8
+top_k = 2
+expert_hidden = 768
+n_shared_experts = 0
+capacity_factor = 0.0
+score_func = 'softmax'
+aux_loss_coef = 0.0
+balance_loss_coef = 0.0
+z_loss_coef = 0.0
+seq_aux_coef = 0.0
+bias_update_speed = 0.0
+moe_dispatch = 'grouped'
+# optim: AdamW, linear warmup then cosine decay to min_lr
+learning_rate = 1e-3
+max_iters = 5000
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0              # clip the global gradient norm; 0 = off
+decay_lr = True
+warmup_iters = 200
+lr_decay_iters = 5000        # usually = max_iters
+min_lr = 1e-4                # usually learning_rate / 10
+# system
+device = 'auto'              # 'auto' (cuda if available, else cpu) | 'cpu' | 'cuda' | 'cuda:1' ...
+dtype = 'auto'               # 'auto' (bfloat16 on CUDA if supported, else float32) | 'float32' | 'bfloat16' | 'float16'
+compile = True               # torch.compile the model (recommended on CUDA; the CPU configs turn it off)
+seed = 1337
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+MODEL_KEYS = [f.name for f in fields(GPTConfig)]
+
+
+def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:
+    """Linear warmup for warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))        # 1 -> 0
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+def open_data(data_dir: str, dataset: str, block_size: int) -> dict[str, np.memmap]:
+    """The uint16 token files of both splits, checked to exist and to hold more than one block."""
+    data = {}
+    for split in ('train', 'val'):
+        path = os.path.join(data_dir, f'{split}.bin')
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found; run python data/{dataset}/prepare.py "
+                                    f"(or set --data_dir to a folder holding train.bin and val.bin)")
+        data[split] = np.memmap(path, dtype=np.uint16, mode='r')
+        if len(data[split]) <= block_size + 1:
+            raise ValueError(f"{path} holds {len(data[split])} tokens, fewer than block_size+1 = {block_size + 1}; "
+                             f"use more text or a smaller --block_size")
+    return data
+
+
+def windows(data: np.ndarray, offsets: np.ndarray, block_size: int, device: str = 'cpu') -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs data[i : i+T] and targets data[i+1 : i+1+T] for every offset i: (B, T) int64 each."""
+    x = torch.from_numpy(np.stack([data[i:i + block_size].astype(np.int64) for i in offsets]))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size].astype(np.int64) for i in offsets]))
+    if device.startswith('cuda'):
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def get_batch(data: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator,
+              device: str = 'cpu') -> tuple[torch.Tensor, torch.Tensor]:
+    """batch_size windows at random offsets drawn from rng."""
+    return windows(data, rng.integers(0, len(data) - block_size - 1, size=batch_size), block_size, device)
+
+
+def sampler(seed: int, rank: int, iter_num: int) -> np.random.Generator:
+    """The data sampler of one optimizer step: a generator seeded by (seed, rank, iteration). Its whole
+    state is those three numbers, so a resumed run draws exactly the batches the uninterrupted run would,
+    on every DDP rank, without saving generator states."""
+    return np.random.default_rng([seed, rank, iter_num])
+
+
+def save_checkpoint(checkpoint: dict, path: str) -> None:
+    """Write to a temporary file, flush it to disk, then rename over the old checkpoint: a kill at any
+    moment leaves either the old or the new checkpoint, never a half-written one."""
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def layer_stats(counts: torch.Tensor) -> list[float]:
+    """MaxVio of each MoE layer from (n_moe_layers, E) counts."""
+    return [round(v, 4) for v in max_vio(counts).tolist()] if counts.numel() else []
+
+
+if __name__ == '__main__':
+    # -------------------------------------------------------------------------
+    # settings
+    try:
+        config = configure(DEFAULTS, sys.argv[1:])
+        globals().update(config)
+        model_args = {k: config[k] for k in MODEL_KEYS}
+        GPTConfig(**model_args)                                    # validates the model settings early
+        if init_from not in ('scratch', 'resume'):
+            raise ValueError(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+    # DDP: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    if ddp:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
+        rank, local_rank, world_size = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
+        if device_type == 'cuda':
+            device = f'cuda:{local_rank}'
+            torch.cuda.set_device(device)
+        if gradient_accumulation_steps % world_size:
+            sys.exit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by "
+                     f"the number of processes ({world_size})")
+        gradient_accumulation_steps //= world_size
+    else:
+        rank, world_size = 0, 1
+    master = rank == 0
+    if dtype == 'auto':
+        dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
+    tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+    torch.manual_seed(seed + rank)
+    random.seed(seed + rank)
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+    # -------------------------------------------------------------------------
+    # data, model, optimizer, checkpoint
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    metrics_path = os.path.join(out_dir, 'metrics.jsonl')
+    try:
+        data = open_data(data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset),
+                         dataset, block_size)
+        if init_from == 'scratch' and os.path.exists(ckpt_path):
+            raise ValueError(f"{ckpt_path} already holds a checkpoint; continue it with --init_from=resume, "
+                             f"or choose another --out_dir (nothing was overwritten)")
+        checkpoint = None
+        if init_from == 'resume':
+            model, checkpoint = load_checkpoint(ckpt_path, device)
+            # the model keeps its checkpointed shape; the other settings may change on resume
+            model_args = checkpoint['model_args']
+        else:
+            model = GPT(GPTConfig(**model_args)).to(device)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    iter_num, best_val_loss = 0, float('inf')
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+        torch.set_rng_state(checkpoint['torch_rng_state'].cpu())
+        np.random.set_state(checkpoint['numpy_rng_state'])
+        random.setstate(checkpoint['python_rng_state'])
+        if device_type == 'cuda' and checkpoint.get('cuda_rng_state') is not None:
+            torch.cuda.set_rng_state(checkpoint['cuda_rng_state'].cpu())
+        checkpoint = None                                       # free memory
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+    raw_model = model
+    if compile:
+        model = torch.compile(model)
+    eval_model = model                   # evaluation runs on rank 0 only: never through DDP's collectives
+    if ddp:
+        # the balancing biases are buffers kept equal on all ranks by the all-reduced counts: no broadcast
+        model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
+    counts_shape = (len(raw_model.moe_layer_ids()), raw_model.config.n_experts if raw_model.moe_layer_ids() else 0)
+    peak_flops = gpu_peak_flops(device) if device_type == 'cuda' else None
+    params = raw_model.param_counts()
+
+    @torch.no_grad()
+    def estimate_loss() -> dict[str, float]:
+        """Mean pure cross-entropy over eval_iters batches of each split. The batches come from a
+        generator seeded the same way at every eval, so successive evals (and runs) see the same text."""
+        out = {}
+        eval_model.eval()
+        for split in ('train', 'val'):
+            rng = np.random.default_rng(1234)
+            losses = torch.zeros(eval_iters)
+            for k in range(eval_iters):
+                X, Y = get_batch(data[split], batch_size, block_size, rng, device)
+                with autocast:
+                    _, _, aux = eval_model(X, Y, return_aux=True)
+                losses[k] = aux['ce_loss'].item()
+            out[split] = losses.mean().item()
+        eval_model.train()
+        return out
+
+    def write_metrics(row: dict) -> None:
+        with open(metrics_path, 'a') as f:
+            f.write(json.dumps(row) + '\n')
+        if wandb_log:
+            wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row['iter'])
+
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        if init_from == 'scratch' and os.path.exists(metrics_path):
+            os.remove(metrics_path)                             # metrics of an abandoned run without checkpoint
+        if wandb_log:
+            import wandb
+            wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+        write_metrics({'type': 'config', 'iter': iter_num, 'config': config, 'model_args': model_args,
+                       'total_params': params['total'], 'active_params': params['active'],
+                       'tokens_per_iter': tokens_per_iter, 'world_size': world_size, 'device': device,
+                       'dtype': dtype})
+        print(f"{raw_model.config.ffn_type}: {params['total'] / 1e6:.2f}M parameters, {params['active'] / 1e6:.2f}M "
+              f"active; {tokens_per_iter:,} tokens per iteration; device {device}, {dtype}, compile={compile}")
+
+    # -------------------------------------------------------------------------
+    # the training loop
+    eval_counts = torch.zeros(counts_shape, device=device)       # expert load since the last eval
+    eval_dropped, eval_steps = torch.zeros(counts_shape[0], device=device), 0
+    t_start = time.time()
+    t_last_eval, iter_last_eval = time.time(), iter_num
+    resumed_at = iter_num if init_from == 'resume' else -1
+    t0 = time.time()
+    while True:
+        lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr) if decay_lr else learning_rate
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+
+        # evaluate and checkpoint, every eval_interval and at the end (not again right after a resume)
+        last = iter_num >= max_iters
+        if (iter_num % eval_interval == 0 or last) and master and (iter_num != resumed_at or eval_only):
+            elapsed = time.time() - t_last_eval
+            losses = estimate_loss()
+            row = {'type': 'eval', 'iter': iter_num, 'tokens': iter_num * tokens_per_iter,
+                   'train_loss': round(losses['train'], 5), 'val_loss': round(losses['val'], 5), 'lr': lr,
+                   'elapsed_s': round(time.time() - t_start, 2),
+                   'tokens_per_s': round((iter_num - iter_last_eval) * tokens_per_iter / elapsed, 1) if iter_num > iter_last_eval else None}
+            if peak_flops and iter_num > iter_last_eval:
+                row['mfu'] = round(raw_model.estimate_mfu(batch_size * gradient_accumulation_steps,
+                                                          elapsed / (iter_num - iter_last_eval), peak_flops), 4)
+            if counts_shape[0] and eval_steps:            # load of the steps since the last eval
+                row['expert_counts'] = eval_counts.tolist()
+                row['maxvio'] = layer_stats(eval_counts)
+                row['dropped_frac'] = [round(v, 5) for v in (eval_dropped / max(eval_steps, 1)).tolist()]
+            write_metrics(row)
+            print(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                  + (f", maxvio {np.mean(row['maxvio']):.3f}" if 'maxvio' in row else ""))
+            eval_counts.zero_()
+            eval_dropped.zero_()
+            eval_steps = 0
+            # the checkpoint holds the best model so far, and the last one at the end (to resume from)
+            if losses['val'] < best_val_loss or always_save_checkpoint or last:
+                best_val_loss = min(best_val_loss, losses['val'])
+                if iter_num > 0:
+                    save_checkpoint({
+                        'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                        'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
+                        'config': config,
+                        'sampler': {'seed': seed, 'iter_num': iter_num},   # see sampler()
+                        'torch_rng_state': torch.get_rng_state(), 'numpy_rng_state': np.random.get_state(),
+                        'python_rng_state': random.getstate(),
+                        'cuda_rng_state': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
+                    }, ckpt_path)
+            t_last_eval, iter_last_eval = time.time(), iter_num
+            t0 = time.time()                                     # keep eval time out of ms/iter
+        if eval_only:
+            break
+        if last:
+            break
+
+        # one optimizer step = gradient_accumulation_steps micro-steps
+        step_counts = torch.zeros(counts_shape, device=device)
+        step_dropped = torch.zeros(counts_shape[0], device=device)
+        rng = sampler(seed, rank, iter_num)
+        for micro_step in range(gradient_accumulation_steps):
+            X, Y = get_batch(data['train'], batch_size, block_size, rng, device)
+            # DDP: all-reduce the gradients only on the last micro-step
+            sync = not ddp or micro_step == gradient_accumulation_steps - 1
+            with (nullcontext() if sync else model.no_sync()), autocast:
+                _, loss, aux = model(X, Y, return_aux=True)
+                loss = loss / gradient_accumulation_steps        # the mean over micro-steps
+            scaler.scale(loss).backward()
+            step_counts += aux['expert_counts']
+            step_dropped += aux['dropped_frac'] / gradient_accumulation_steps
+        lossf, objective = torch.stack([aux['ce_loss'], loss]).tolist()   # one host sync per step: stop on NaN at once
+        if not (math.isfinite(lossf) and math.isfinite(objective)):
+            sys.exit(f"error: non-finite loss at iteration {iter_num} (lr {lr:.2e}); stopping. The last good "
+                     f"checkpoint (if any) is untouched in {ckpt_path}; try a lower learning_rate or grad_clip")
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        # auxiliary-loss-free balancing: one bias update from the whole step's load, the same on every rank
+        if counts_shape[0]:
+            if ddp:
+                dist.all_reduce(step_counts)
+            raw_model.update_moe_biases(step_counts)
+            eval_counts += step_counts
+            eval_dropped += step_dropped
+            eval_steps += 1
+
+        iter_num += 1
+        if iter_num % log_interval == 0 and master:
+            t1 = time.time()
+            dt = (t1 - t0) / log_interval
+            t0 = t1
+            row = {'type': 'train', 'iter': iter_num, 'tokens': iter_num * tokens_per_iter, 'loss': round(lossf, 5),
+                   'aux_loss': round(aux['aux_loss'].item(), 6), 'lr': lr, 'ms_per_iter': round(1000 * dt, 2),
+                   'tokens_per_s': round(tokens_per_iter / dt, 1)}
+            line = f"iter {iter_num}: loss {lossf:.4f}, {1000 * dt:.1f} ms/iter, {tokens_per_iter / dt:,.0f} tok/s"
+            if peak_flops:
+                row['mfu'] = round(raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops), 4)
+                line += f", mfu {100 * row['mfu']:.1f}%"
+            if counts_shape[0]:
+                row['maxvio'] = round(float(np.mean(layer_stats(step_counts))), 4)
+                line += f", maxvio {row['maxvio']:.3f}"
+                if raw_model.config.capacity_factor > 0:
+                    line += f", dropped {100 * step_dropped.mean().item():.1f}%"
+            write_metrics(row)
+            print(line)
+        elif iter_num % log_interval == 0:
+            t0 = time.time()
+
+    # -------------------------------------------------------------------------
+    # the end: expert selection on a fixed validation batch (the comparison's histograms)
+    if master and counts_shape[0] and not eval_only:
+        offsets = np.linspace(0, len(data['val']) - block_size - 1, batch_size).astype(np.int64)  # fixed windows
+        X, Y = windows(data['val'], offsets, block_size, device)
+        eval_model.eval()
+        with torch.no_grad(), autocast:
+            _, _, aux = eval_model(X, Y, return_aux=True)
+        write_metrics({'type': 'expert_selection', 'iter': iter_num, 'layers': raw_model.moe_layer_ids(),
+                       'tokens': X.numel(), 'counts': aux['expert_counts'].tolist()})
+    if ddp:
+        if counts_shape[0]:   # the all-reduced counts must have kept every rank's biases identical
+            bias = torch.stack([m.expert_bias for m in raw_model.moe_layers()])
+            gathered = [torch.zeros_like(bias) for _ in range(world_size)]
+            dist.all_gather(gathered, bias)
+            assert all(torch.equal(g, gathered[0]) for g in gathered), "balancing biases differ across ranks"
+            if master:
+                print(f"balancing biases identical on all {world_size} ranks")
+        dist.destroy_process_group()
