@@ -113,7 +113,7 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ['| run | FFN | total params | active params | best val loss | final val loss (iter) | tokens/s | final MaxVio | dropped |',
              '|---|---|---:|---:|---:|---:|---:|---:|---:|']
     for r in rows:
-        dropped = '-' if r['dropped_share'] is None else f"{100 * r['dropped_share']:.1f}%"
+        dropped = '-' if r['dropped_share'] is None else f"{100 * r['dropped_share']:.2f}%"
         lines.append(f"| {r['run']} | {r['ffn_type']} | {r['total_params'] / 1e6:.2f}M | {r['active_params'] / 1e6:.2f}M | "
                      f"{r['best_val_loss']:.4f} | {r['final_val_loss']:.4f} ({r['final_iter']}) | {fmt(r['tokens_per_s'], ',.0f')} | "
                      f"{fmt(r['final_maxvio'], '.3f')} | {dropped} |")

@@ -101,7 +101,7 @@ def sequence_balance_loss(scores: Tensor, idx: Tensor, n_experts: int, batch_siz
 
 
 def expert_capacity(n_tokens: int, n_experts: int, top_k: int, capacity_factor: float) -> int:
-    """Expert capacity = capacity_factor * top_k * tokens / experts (Switch eq. 3, times k slots per
+    """Expert capacity = capacity_factor * top_k * tokens / experts (Switch Transformer sec. 2.2, times k slots per
     token). Rounded up, so that a factor of 1.0 can hold a perfectly balanced batch. 0 = dropless."""
     if capacity_factor <= 0:
         return 0

@@ -84,7 +84,7 @@ def test_figures_and_table(runs):
     # dense: best 3.0, final 3.2 at iter 100, tokens/s = median(100, 300, 200) = 200, no MaxVio
     assert dense_line == '| out-dense | dense | 0.00M | 0.00M | 3.0000 | 3.2000 (100) | 200 | - | - |'
     # moe: MaxVio (0.6 + 0) / 2 = 0.3 from the counts; dropped share (10% + 0%) / 2 = 5%
-    assert moe_line == '| out-moe | moe | 0.00M | 0.00M | 2.9000 | 2.9000 (50) | - | 0.300 | 5.0% |'
+    assert moe_line == '| out-moe | moe | 0.00M | 0.00M | 2.9000 | 2.9000 (50) | - | 0.300 | 5.00% |'
 
 
 def test_truncated_empty_and_missing_metrics(runs):
