@@ -277,7 +277,7 @@ def routing(run_dir: str, text: str, layer: int, out: str, device: str, val_toke
                 per_expert[e][tok] += 1
     hook.remove()
     lines = [f"# Most frequent tokens per expert, layer {layer} of {run_dir}",
-             f"", f"{n_windows * T:,} validation tokens; share = the expert's token-slots that were this token.", "",
+             "", f"{n_windows * T:,} validation tokens; share = the expert's token-slots that were this token.", "",
              "| expert | token-slots | top tokens (share) |", "|---:|---:|---|"]
     for e, counter in enumerate(per_expert):
         total = sum(counter.values())

@@ -9,18 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(REPO, '..', 'shared')
-sys.path.insert(0, REPO)
-from compare import load_shares, mean_maxvio, read_metrics  # noqa: E402
-
-
-def env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS='1')
-    cache = os.path.join(SHARED, 'tiktoken_cache')
-    if os.path.isdir(cache):
-        e.setdefault('TIKTOKEN_CACHE_DIR', os.path.abspath(cache))
-    return e
+from conftest import REPO, subprocess_env as env
+from compare import load_shares, mean_maxvio, read_metrics
 
 
 def compare(*args, check=True) -> subprocess.CompletedProcess:
@@ -111,9 +101,7 @@ def test_default_finds_out_dirs_in_cwd(runs):
     assert (runs / 'compare_out' / 'val_loss.png').exists()
 
 
-def test_two_tiny_real_runs_and_routing(tmp_path):
-    if not os.path.isdir(os.path.join(SHARED, 'tiktoken_cache')):
-        pytest.skip('GPT-2 BPE files for tiktoken are not here (../shared/tiktoken_cache)')
+def test_two_tiny_real_runs_and_routing(tmp_path, gpt2):
     data = tmp_path / 'data'
     data.mkdir()
     rng = np.random.default_rng(0)

@@ -1,15 +1,12 @@
 """model.py: the GPT around the FFNs, its parameter counts, optimizer groups, checkpoints and compile."""
 
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GPT, GPTConfig, MLP, load_checkpoint  # noqa: E402
-from moe import MoE  # noqa: E402
+from moe import MoE
 
 TINY = dict(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32, ffn_hidden=64)
 KINDS = {

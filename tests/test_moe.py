@@ -2,15 +2,13 @@
 
 import math
 import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GPT, GPTConfig, MLP  # noqa: E402
-from moe import (MoE, coefficient_of_variation, expert_capacity, expert_load, importance,  # noqa: E402
+from model import GPT, GPTConfig, MLP
+from moe import (MoE, coefficient_of_variation, expert_capacity, expert_load, importance,
                  importance_loss, load_balance_loss, max_vio, router_z_loss, sequence_balance_loss)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,33 +9,13 @@ import sys
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(REPO, '..', 'shared')
+from conftest import REPO, SHARED, subprocess_env as env
+
 sys.path.insert(0, os.path.join(REPO, 'data'))
 from prepare_common import hold_out, read_documents  # noqa: E402
 
 DOCS = ['Once upon a time, there was a cat.\nThe cat liked milk.', 'Tom had a red ball. <|endoftext|> is just text here.',
         'The sun was hot.', 'Lily and Ben played in the park.\n\nThey were happy.', 'A dog ran.', 'The end of the story.']
-
-
-def env() -> dict:
-    e = dict(os.environ)
-    cache = os.path.join(SHARED, 'tiktoken_cache')
-    if os.path.isdir(cache):
-        e.setdefault('TIKTOKEN_CACHE_DIR', os.path.abspath(cache))
-    return e
-
-
-def encoder():
-    """tiktoken's GPT-2 BPE, or a skip where its files can be neither found nor downloaded."""
-    cache = os.path.join(SHARED, 'tiktoken_cache')
-    if os.path.isdir(cache):
-        os.environ.setdefault('TIKTOKEN_CACHE_DIR', os.path.abspath(cache))
-    import tiktoken
-    try:
-        return tiktoken.get_encoding('gpt2')
-    except Exception as e:                         # no cache and no internet
-        pytest.skip(f'GPT-2 BPE files unavailable: {type(e).__name__}')
 
 
 def write_docs(path, docs):
@@ -70,8 +50,8 @@ def test_hold_out_is_random_seeded_and_complete():
 
 
 @pytest.mark.parametrize('name', ['tinystories', 'openwebtext'])
-def test_local_input_with_val_file(name, tmp_path):
-    enc = encoder()
+def test_local_input_with_val_file(name, tmp_path, gpt2):
+    enc = gpt2
     train_txt, val_txt = tmp_path / 'train.txt', tmp_path / 'val.txt'
     write_docs(train_txt, DOCS[:4])
     write_docs(val_txt, DOCS[4:])
@@ -86,8 +66,7 @@ def test_local_input_with_val_file(name, tmp_path):
     assert meta['source']['input'] == [str(train_txt)]
 
 
-def test_held_out_val_is_deterministic(tmp_path):
-    encoder()
+def test_held_out_val_is_deterministic(tmp_path, gpt2):
     docs = [f'Story number {i}. ' + 'The cat sat. ' * (i % 5) for i in range(200)]
     src = tmp_path / 'all.txt'
     write_docs(src, docs)
@@ -101,11 +80,11 @@ def test_held_out_val_is_deterministic(tmp_path):
     assert meta['val']['documents'] == 20 and meta['train']['documents'] == 180
 
 
-def test_real_tinystories_sample(tmp_path):
+def test_real_tinystories_sample(tmp_path, gpt2):
     src = os.path.join(SHARED, 'data', 'tinystories', 'val.txt')
     if not os.path.isfile(src):
         pytest.skip('../shared/data is not here')
-    enc = encoder()
+    enc = gpt2
     with open(src, encoding='utf-8') as f:
         stories = f.read().split('\n<|endoftext|>\n')[:-1]
     sample = random.Random(0).sample(stories, 50)          # the files are grouped by source: sample

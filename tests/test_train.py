@@ -13,24 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(REPO, '..', 'shared')
-sys.path.insert(0, REPO)
-from configurator import configure  # noqa: E402
-from model import load_checkpoint  # noqa: E402
-from train import DEFAULTS, get_lr, sampler, windows  # noqa: E402
+from conftest import REPO, SHARED, subprocess_env as env
+from configurator import configure
+from model import load_checkpoint
+from train import DEFAULTS, get_lr, sampler, windows
 
 TINY = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_embd=32', '--n_head=2', '--block_size=32',
         '--batch_size=8', '--vocab_size=128', '--eval_iters=4', '--log_interval=5', '--warmup_iters=5',
         '--learning_rate=3e-3', '--min_lr=3e-4']
-
-
-def env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-    cache = os.path.join(SHARED, 'tiktoken_cache')
-    if os.path.isdir(cache):
-        e.setdefault('TIKTOKEN_CACHE_DIR', os.path.abspath(cache))
-    return e
 
 
 def run(args: list[str], check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -146,14 +136,12 @@ def test_short_run_of_each_config_lowers_val_loss(config, data_dir, tmp_path):
     assert ckpt['iter_num'] == 60 and ckpt['config']['ffn_type'] == config
 
 
-def test_real_tinystories_run_lowers_val_loss(tmp_path):
+def test_real_tinystories_run_lowers_val_loss(tmp_path, gpt2):
     """The shared TinyStories sample, tokenized with GPT-2 BPE: a few dozen steps already help."""
     src = os.path.join(SHARED, 'data', 'tinystories')
-    if not os.path.isdir(src) or not os.path.isdir(os.path.join(SHARED, 'tiktoken_cache')):
-        pytest.skip('../shared/data and ../shared/tiktoken_cache are not here')
-    os.environ.setdefault('TIKTOKEN_CACHE_DIR', os.path.abspath(os.path.join(SHARED, 'tiktoken_cache')))
-    import tiktoken
-    enc = tiktoken.get_encoding('gpt2')
+    if not os.path.isdir(src):
+        pytest.skip('../shared/data is not here')
+    enc = gpt2
     rng = random.Random(0)
     for split, n in (('train', 400), ('val', 40)):
         with open(os.path.join(src, f'{split}.txt'), encoding='utf-8') as f:
@@ -262,9 +250,7 @@ def test_ddp_two_cpu_processes_with_gloo(data_dir, tmp_path):
     assert model.moe_layers()[0].expert_bias.abs().sum() > 0
 
 
-def test_sample_prints_prompt_and_continuation(tmp_path):
-    if not os.path.isdir(os.path.join(SHARED, 'tiktoken_cache')):
-        pytest.skip('GPT-2 BPE files for tiktoken are not here (../shared/tiktoken_cache)')
+def test_sample_prints_prompt_and_continuation(tmp_path, gpt2):
     d = tmp_path / 'data'
     d.mkdir()
     rng = np.random.default_rng(0)
