@@ -27,3 +27,13 @@ def gpt2():
     except Exception as e:                            # no cache and no internet
         pytest.skip(f'GPT-2 BPE files for tiktoken unavailable ({type(e).__name__}); '
                     f'set TIKTOKEN_CACHE_DIR or go online')
+
+
+def random_token_data(folder, vocab: int, n_tokens: int) -> str:
+    """folder/train.bin and val.bin of uniformly random token ids (for runs that only need to run)."""
+    import numpy as np
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split in ('train', 'val'):
+        rng.integers(0, vocab, n_tokens).astype(np.uint16).tofile(os.path.join(folder, f'{split}.bin'))
+    return str(folder)

@@ -6,10 +6,9 @@ import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from conftest import REPO, subprocess_env as env
+from conftest import REPO, random_token_data, subprocess_env as env
 from compare import load_shares, mean_maxvio, read_metrics
 
 
@@ -102,11 +101,7 @@ def test_default_finds_out_dirs_in_cwd(runs):
 
 
 def test_two_tiny_real_runs_and_routing(tmp_path, gpt2):
-    data = tmp_path / 'data'
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for split in ('train', 'val'):
-        rng.integers(0, 1000, 8000).astype(np.uint16).tofile(data / f'{split}.bin')
+    data = random_token_data(tmp_path / 'data', 1000, 8000)
     tiny = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_embd=32', '--n_head=2', '--block_size=32',
             '--batch_size=4', '--eval_iters=2', '--max_iters=10', '--eval_interval=5', '--log_interval=5',
             f'--data_dir={data}']

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SHARED, subprocess_env as env
+from conftest import REPO, SHARED, random_token_data, subprocess_env as env
 from configurator import configure
 from model import load_checkpoint
 from train import DEFAULTS, get_lr, sampler, windows
@@ -251,11 +251,7 @@ def test_ddp_two_cpu_processes_with_gloo(data_dir, tmp_path):
 
 
 def test_sample_prints_prompt_and_continuation(tmp_path, gpt2):
-    d = tmp_path / 'data'
-    d.mkdir()
-    rng = np.random.default_rng(0)
-    for split in ('train', 'val'):
-        rng.integers(0, 50257, 5000).astype(np.uint16).tofile(d / f'{split}.bin')
+    d = random_token_data(tmp_path / 'data', 50257, 5000)
     args = [a for a in TINY if not a.startswith('--vocab_size')]
     run(['train.py', 'config/deepseek_moe.py', *args, f'--data_dir={d}', f'--out_dir={tmp_path / "out"}',
          '--max_iters=2', '--eval_interval=2'])
