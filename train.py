@@ -167,6 +167,8 @@ if __name__ == '__main__':
         GPTConfig(**model_args)                                    # validates the model settings early
         if init_from not in ('scratch', 'resume'):
             raise ValueError(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+        if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
+            raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {dtype!r}")
     except ValueError as e:
         sys.exit(f"error: {e}")
 
@@ -214,6 +216,10 @@ if __name__ == '__main__':
         checkpoint = None
         if init_from == 'resume':
             model, checkpoint = load_checkpoint(ckpt_path, device)
+            missing = [k for k in ('optimizer', 'iter_num', 'best_val_loss', 'torch_rng_state', 'numpy_rng_state',
+                                   'python_rng_state') if k not in checkpoint]
+            if missing:
+                raise ValueError(f"{ckpt_path} lacks {missing} and cannot be resumed (sample.py can still use it)")
             # the model keeps its checkpointed shape; the other settings may change on resume
             model_args = checkpoint['model_args']
         else:

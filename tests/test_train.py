@@ -205,6 +205,8 @@ def test_user_errors_are_one_clean_line(data_dir, tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1
     p = run(['train.py', 'config/moe.py', '--top_k=9'], check=False)              # 8 experts
     assert p.returncode != 0 and 'Traceback' not in p.stderr and 'top_k=9 is impossible' in p.stderr
+    p = run(['train.py', 'config/moe.py', '--dtype=fp16'], check=False)
+    assert 'dtype must be' in p.stderr and 'Traceback' not in p.stderr
     p = run(['train.py', 'config/moe.py', '--n_expert=4'], check=False)
     assert "did you mean 'n_experts'" in p.stderr and 'Traceback' not in p.stderr
     # a corrupt checkpoint: a clear message on resume, and the file is left as it was
