@@ -32,6 +32,8 @@ if __name__ == '__main__':
     try:
         settings = configure(DEFAULTS, sys.argv[1:])
         globals().update(settings)
+        if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
+            raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {dtype!r}")
         if device == 'auto':
             device = 'cuda' if torch.cuda.is_available() else 'cpu'
         model, _ = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device)
