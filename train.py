@@ -415,4 +415,5 @@ if __name__ == '__main__':
             assert all(torch.equal(g, gathered[0]) for g in gathered), "balancing biases differ across ranks"
             if master:
                 print(f"balancing biases identical on all {world_size} ranks")
+        dist.barrier()             # every rank done with gloo/NCCL before any tears the group down
         dist.destroy_process_group()
