@@ -214,7 +214,7 @@ def routing(run_dir: str, text: str, layer: int, out: str, device: str, val_toke
     top_tokens.md: per expert, the tokens it receives most often on validation data."""
     import tiktoken
     from model import load_checkpoint
-    from train import windows
+    from train import resolve_data_dir, windows
     model, ckpt = load_checkpoint(os.path.join(run_dir, 'ckpt.pt'), device)
     model.eval()
     ids = model.moe_layer_ids()
@@ -258,7 +258,7 @@ def routing(run_dir: str, text: str, layer: int, out: str, device: str, val_toke
     print(f"wrote {os.path.join(out, 'routing.png')}")
 
     cfg = ckpt['config']
-    val_path = os.path.join(cfg['data_dir'] or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', cfg['dataset']), 'val.bin')
+    val_path = os.path.join(resolve_data_dir(cfg['data_dir'], cfg['dataset']), 'val.bin')
     if not os.path.isfile(val_path):
         print(f"warning: {val_path} not found; top_tokens.md skipped")
         hook.remove()

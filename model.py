@@ -9,6 +9,7 @@ Every FFN has the same contract: forward(x) -> (y, aux), aux a small dict of ten
 import inspect
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -298,6 +299,21 @@ def gpu_peak_flops(device: str | torch.device = 'cuda') -> float | None:
         if key in name:
             return flops
     return None
+
+
+def resolve_device(device: str, dtype: str):
+    """The 'auto' settings of train.py and sample.py made concrete. Returns (device, device_type, dtype,
+    autocast context): CUDA if present, bfloat16 autocast on GPUs that support it, float32 otherwise."""
+    dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+    if dtype != 'auto' and dtype not in dtypes:
+        raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {dtype!r}")
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    if dtype == 'auto':
+        dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
+    autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=dtypes[dtype])
+    return device, device_type, dtype, autocast
 
 
 def load_checkpoint(path: str, device: str | torch.device = 'cpu') -> tuple[GPT, dict]:

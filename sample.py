@@ -8,12 +8,11 @@ Sample text from a trained checkpoint.
 
 import os
 import sys
-from contextlib import nullcontext
 
 import torch
 
 from configurator import configure
-from model import load_checkpoint
+from model import load_checkpoint, resolve_device
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-deepseek_moe'  # the run directory holding ckpt.pt
@@ -32,10 +31,7 @@ if __name__ == '__main__':
     try:
         settings = configure(DEFAULTS, sys.argv[1:])
         globals().update(settings)
-        if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
-            raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {dtype!r}")
-        if device == 'auto':
-            device = 'cuda' if torch.cuda.is_available() else 'cpu'
+        device, device_type, dtype, autocast = resolve_device(device, dtype)
         model, _ = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device)
         if start.startswith('FILE:'):
             with open(start[5:], encoding='utf-8') as f:
@@ -44,11 +40,6 @@ if __name__ == '__main__':
         sys.exit(f"error: {e}")
     import tiktoken
     enc = tiktoken.get_encoding('gpt2')
-    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    if dtype == 'auto':
-        dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
     torch.manual_seed(seed)
     model.eval()
     prompt = enc.encode(start, allowed_special={'<|endoftext|>'})

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from configurator import configure
-from model import GPT, GPTConfig, gpu_peak_flops, load_checkpoint
+from model import GPT, GPTConfig, gpu_peak_flops, load_checkpoint, resolve_device
 from moe import max_vio
 
 # -----------------------------------------------------------------------------
@@ -128,6 +128,11 @@ def windows(data: np.ndarray, offsets: np.ndarray, block_size: int, device: str 
     return x.to(device), y.to(device)
 
 
+def resolve_data_dir(data_dir: str, dataset: str) -> str:
+    """data_dir if set, else data/<dataset> next to this script."""
+    return data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
+
+
 def get_batch(data: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator,
               device: str = 'cpu') -> tuple[torch.Tensor, torch.Tensor]:
     """batch_size windows at random offsets drawn from rng."""
@@ -167,16 +172,12 @@ if __name__ == '__main__':
         GPTConfig(**model_args)                                    # validates the model settings early
         if init_from not in ('scratch', 'resume'):
             raise ValueError(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
-        if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
-            raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {dtype!r}")
+        device, device_type, dtype, autocast = resolve_device(device, dtype)
     except ValueError as e:
         sys.exit(f"error: {e}")
 
     # DDP: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE
     ddp = int(os.environ.get('RANK', -1)) != -1
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     if ddp:
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -192,24 +193,19 @@ if __name__ == '__main__':
     else:
         rank, world_size = 0, 1
     master = rank == 0
-    if dtype == 'auto':
-        dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
     tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
     torch.manual_seed(seed + rank)
     random.seed(seed + rank)
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
 
     # -------------------------------------------------------------------------
     # data, model, optimizer, checkpoint
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     metrics_path = os.path.join(out_dir, 'metrics.jsonl')
     try:
-        data = open_data(data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset),
-                         dataset, block_size)
+        data = open_data(resolve_data_dir(data_dir, dataset), dataset, block_size)
         if init_from == 'scratch' and os.path.exists(ckpt_path):
             raise ValueError(f"{ckpt_path} already holds a checkpoint; continue it with --init_from=resume, "
                              f"or choose another --out_dir (nothing was overwritten)")
