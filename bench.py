@@ -9,12 +9,15 @@ For each size (n_layer x n_embd) it builds
     dense         SwiGLU FFN of width 4 * n_embd
     moe           8 experts, top-2, each 2 * n_embd wide                (config/moe.py)
     deepseek_moe  2 shared + 30 routed experts of n_embd / 2, top-6     (config/deepseek_moe.py)
-    E=64, E=256   2 shared + 62 routed (top-6) / 254 routed (top-14), same active width 4 * n_embd
+    E=8, E=64, E=256   the scaling family: 8, 64, 256 routed experts (top-2, -8, -16) of width
+                  4 * n_embd / top_k, nothing else changed (deepseek_moe routing, no shared experts)
 and times full training steps (forward, backward, AdamW) after a warm-up, interleaving the models round
 by round, so that a slow moment of the machine hits all of them; each MoE's cost is the median over rounds
 of its step time divided by dense's in the same round. Then the same for one FFN layer alone (forward +
 backward on B*T tokens), and the dispatch share: the MoE layer's time minus its expert matmuls alone
 (router, sort, gather, weighting, scatter-add, balancing statistics), as a share of the full step.
+Last, the slope of log(layer cost) against log(expert count) over the scaling family: 0 would mean
+more experts are free, 1 that the cost grows in proportion to their number.
 Ratios are measured in one run on one machine; absolute times move with the machine, ratios much less.
 """
 
@@ -29,6 +32,10 @@ from model import GPT, GPTConfig, MLP, gpu_peak_flops
 from moe import MoE, expert_capacity
 
 
+# The scaling family: (routed experts, top_k). Expert width 4 * n_embd / top_k keeps the active width fixed.
+SCALING = [(8, 2), (64, 8), (256, 16)]
+
+
 def model_configs(n_layer: int, n_embd: int, vocab_size: int, block_size: int, scaling: bool) -> dict[str, GPTConfig]:
     """The benchmarked models, all with active FFN width 4 * n_embd (what config/*.py set, plus the
     scaling rows). capacity_factor 1.25 for moe, as in config/moe.py: dropping happens before the matmuls."""
@@ -41,16 +48,21 @@ def model_configs(n_layer: int, n_embd: int, vocab_size: int, block_size: int, s
         'deepseek_moe': GPTConfig(**base, ffn_type='deepseek_moe', n_experts=30, n_shared_experts=2, top_k=6,
                                   expert_hidden=n_embd // 2, score_func='sigmoid', bias_update_speed=0.001),
     }
-    if scaling:   # more, narrower experts at the same active width: (2 shared + k routed) * h = 4 * n_embd
-        configs['E=64'] = GPTConfig(**base, ffn_type='deepseek_moe', n_experts=62, n_shared_experts=2, top_k=6,
-                                    expert_hidden=n_embd // 2, score_func='sigmoid', bias_update_speed=0.001)
-        configs['E=256'] = GPTConfig(**base, ffn_type='deepseek_moe', n_experts=254, n_shared_experts=2, top_k=14,
-                                     expert_hidden=n_embd // 4, score_func='sigmoid', bias_update_speed=0.001)
+    if scaling:   # more, narrower experts at the same active width: top_k * expert_hidden = 4 * n_embd
+        for n_experts, top_k in SCALING:
+            configs[f'E={n_experts}'] = GPTConfig(**base, ffn_type='deepseek_moe', n_experts=n_experts, top_k=top_k,
+                                                  expert_hidden=4 * n_embd // top_k, score_func='sigmoid',
+                                                  bias_update_speed=0.001)
     return configs
 
 
-def routed_experts(cfg: GPTConfig) -> int:
-    return 0 if cfg.ffn_type == 'dense' else cfg.n_experts + cfg.n_shared_experts
+def scaling_slope(points: list[tuple[int, float]]) -> float:
+    """Least-squares slope b of log(cost) = a + b * log(experts) over (experts, cost) points:
+    cost grows as experts^b."""
+    xs = [math.log(e) for e, _ in points]
+    ys = [math.log(c) for _, c in points]
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
 def timer(device: str):
@@ -182,16 +194,18 @@ def bench_size(n_layer: int, n_embd: int, args, device: str) -> None:
     for name, cfg in configs.items():
         models[name], steps[name] = train_step_fn(cfg, args, device)
     times = interleaved_times(steps, args.warmup, args.rounds, device)
-    print("\n| model | routed+shared experts | top-k | total params | active params | ms/step | tokens/s | MFU | step / dense |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| model | routed experts | shared | top-k | total params | active params | ms/step | tokens/s | MFU | step / dense |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    step_ratio = {}
     for name, cfg in configs.items():
         ms = 1000 * statistics.median(times[name])
         counts = models[name].param_counts()
         mfu = models[name].estimate_mfu(args.batch_size, ms / 1000, peak) if peak else None
-        ratio = median_ratio(times[name], times['dense'])
-        print(f"| {name} | {routed_experts(cfg) or '-'} | {cfg.top_k if cfg.ffn_type != 'dense' else '-'} | "
-              f"{counts['total'] / 1e6:.2f}M | {counts['active'] / 1e6:.2f}M | {ms:.1f} | {tokens / ms * 1000:,.0f} | "
-              f"{f'{100 * mfu:.1f}%' if mfu else '-'} | {ratio:.3f}x |")
+        step_ratio[name] = median_ratio(times[name], times['dense'])
+        moe = cfg.ffn_type != 'dense'
+        print(f"| {name} | {cfg.n_experts if moe else '-'} | {cfg.n_shared_experts if moe else '-'} | "
+              f"{cfg.top_k if moe else '-'} | {counts['total'] / 1e6:.2f}M | {counts['active'] / 1e6:.2f}M | "
+              f"{ms:.1f} | {tokens / ms * 1000:,.0f} | {f'{100 * mfu:.1f}%' if mfu else '-'} | {step_ratio[name]:.3f}x |")
     del models, steps
 
     # 2. one FFN layer alone, and the dispatch share
@@ -203,30 +217,28 @@ def bench_size(n_layer: int, n_embd: int, args, device: str) -> None:
     dense_layer = ltimes[('dense', 'layer')]
     print("\n| FFN layer alone (fwd+bwd) | ms | layer / dense | dispatch ms | dispatch share of layer | dispatch share of step |")
     print("|---|---:|---:|---:|---:|---:|")
-    slope_points = []
+    layer_ratio = {}
     for name, cfg in configs.items():
         layer_ms = 1000 * statistics.median(ltimes[(name, 'layer')])
-        ratio = median_ratio(ltimes[(name, 'layer')], dense_layer)
+        layer_ratio[name] = median_ratio(ltimes[(name, 'layer')], dense_layer)
         if cfg.ffn_type == 'dense':
             print(f"| {name} | {layer_ms:.2f} | 1.000x | - | - | - |")
             continue
-        slope_points.append((cfg.n_experts + cfg.n_shared_experts, ratio))
         dispatch = [a - b for a, b in zip(ltimes[(name, 'layer')], ltimes[(name, 'experts')])]
         dispatch_ms = 1000 * statistics.median(dispatch)
         step_ms = 1000 * statistics.median(times[name])
         n_moe = n_layer - cfg.n_dense_layers
-        print(f"| {name} | {layer_ms:.2f} | {ratio:.3f}x | {dispatch_ms:.2f} | {dispatch_ms / layer_ms:.0%} | "
+        print(f"| {name} | {layer_ms:.2f} | {layer_ratio[name]:.3f}x | {dispatch_ms:.2f} | {dispatch_ms / layer_ms:.0%} | "
               f"{n_moe * dispatch_ms / step_ms:.0%} |")
-    if len(slope_points) >= 3:
-        # cost ~ experts^slope: slope 1 would mean cost proportional to the expert count, 0 free
-        xs = [math.log(e) for e, _ in slope_points]
-        ys = [math.log(r) for _, r in slope_points]
-        mx, my = statistics.mean(xs), statistics.mean(ys)
-        slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
-        print(f"\nscaling: FFN-layer cost grows as (number of experts)^{slope:.2f} "
-              f"from {min(e for e, _ in slope_points)} to {max(e for e, _ in slope_points)} experts at equal active width")
+    family = [f'E={e}' for e, _ in SCALING if f'E={e}' in configs]
+    if len(family) >= 2:
+        experts = [configs[name].n_experts for name in family]
+        print(f"\nscaling from {experts[0]} to {experts[-1]} routed experts at equal active width: FFN layer cost grows as "
+              f"experts^{scaling_slope([(e, layer_ratio[n]) for e, n in zip(experts, family)]):.2f}, full step as "
+              f"experts^{scaling_slope([(e, step_ratio[n]) for e, n in zip(experts, family)]):.2f}")
     if device == 'cuda':
-        print(f"host synchronisations in the deepseek_moe forward: {check_no_host_sync(configs['deepseek_moe'], args)}")
+        for name in ('moe', 'deepseek_moe'):
+            print(f"host synchronisations in the {name} forward: {check_no_host_sync(configs[name], args)}")
 
 
 def device_name(device: str) -> str:
@@ -267,13 +279,18 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     print(f"torch {torch.__version__}, {device_name(args.device)}")
-    for size in args.sizes:
+    sizes = []
+    for size in args.sizes:               # all checked before the first (long) one runs
         try:
             n_layer, n_embd = (int(v) for v in size.lower().split('x'))
         except ValueError:
-            raise SystemExit(f"error: --sizes takes n_layer x n_embd like 6x384, got {size!r}")
+            raise SystemExit(f"error: --sizes takes n_layer x n_embd like 6x384, got {size!r}") from None
+        if n_layer < 1 or n_embd < 64 or n_embd % 64:
+            raise SystemExit(f"error: --sizes {size}: n_layer must be >= 1 and n_embd a multiple of 64 "
+                             f"(heads of 64; the finest experts are n_embd / 4 wide)")
+        sizes.append((n_layer, n_embd))
+    for n_layer, n_embd in sizes:
         bench_size(n_layer, n_embd, args, args.device)
-
 
 if __name__ == '__main__':
     main()

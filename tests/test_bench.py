@@ -1,0 +1,58 @@
+"""bench.py: its arithmetic by hand, its models at equal active width, and one tiny run of the script.
+No timing is asserted anywhere: timings belong to the printed table, not to tests."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench import SCALING, median_ratio, model_configs, scaling_slope
+from conftest import REPO, subprocess_env
+from model import GPT
+
+
+def test_median_ratio_is_the_median_of_per_round_ratios():
+    # rounds 2/1, 3/3, 8/2 -> ratios 2, 1, 4 -> median 2 (the ratio of medians would be 3/2)
+    assert median_ratio([2.0, 3.0, 8.0], [1.0, 3.0, 2.0]) == 2.0
+
+
+def test_scaling_slope_by_hand():
+    # cost = 0.7 * E^0.5 exactly: slope 0.5 whatever the constant
+    points = [(e, 0.7 * math.sqrt(e)) for e in (8, 64, 256)]
+    assert scaling_slope(points) == pytest.approx(0.5)
+    assert scaling_slope([(8, 1.3), (64, 1.3), (256, 1.3)]) == pytest.approx(0.0)   # free experts
+    # two points: log(4 / 1) / log(64 / 8) = log 4 / log 8 = 2/3
+    assert scaling_slope([(8, 1.0), (64, 4.0)]) == pytest.approx(2 / 3)
+
+
+def test_every_benchmarked_model_has_the_dense_active_width():
+    configs = model_configs(2, 256, 1024, 64, scaling=True)
+    assert [name for name in configs] == ['dense', 'moe', 'deepseek_moe'] + [f'E={e}' for e, _ in SCALING]
+    assert [configs[f'E={e}'].n_experts for e, _ in SCALING] == [8, 64, 256]   # what the issue asks
+    dense_active = GPT(configs['dense']).param_counts()['active']
+    for name, cfg in configs.items():
+        if cfg.ffn_type == 'dense':
+            continue
+        assert (cfg.top_k + cfg.n_shared_experts) * cfg.expert_hidden == cfg.ffn_hidden == 4 * 256, name
+        # active parameters differ from dense only by the router, E x C per layer
+        active = GPT(cfg).param_counts()['active']
+        assert active - dense_active == cfg.n_layer * cfg.n_experts * cfg.n_embd, name
+
+
+def test_tiny_cpu_run_prints_both_tables_and_the_slope():
+    cmd = [sys.executable, os.path.join(REPO, 'bench.py'), '--device', 'cpu', '--sizes', '1x64', '--batch_size', '2',
+           '--block_size', '16', '--vocab_size', '256', '--warmup', '1', '--rounds', '2', '--threads', '1']
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    step_rows = [line for line in lines if line.startswith('| ') and line.endswith('x |') and 'M |' in line]
+    assert [row.split(' | ')[0][2:] for row in step_rows] == ['dense', 'moe', 'deepseek_moe', 'E=8', 'E=64', 'E=256']
+    assert step_rows[0].endswith('| 1.000x |')                  # dense over itself, every round
+    layer_rows = [line for line in lines if line.startswith('| ') and 'x |' in line and 'M |' not in line]
+    assert len(layer_rows) == 6
+    assert any(line.startswith('scaling from 8 to 256 routed experts') for line in lines)
+    # a bad size is one clear line, not a traceback
+    bad = subprocess.run(cmd[:5] + ['2x64', '6by384'], capture_output=True, text=True, env=subprocess_env(), cwd=REPO)
+    assert bad.returncode != 0 and "--sizes takes n_layer x n_embd" in bad.stderr and 'Traceback' not in bad.stderr
