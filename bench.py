@@ -65,6 +65,21 @@ def scaling_slope(points: list[tuple[int, float]]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
+def allow_many_compiled_models() -> None:
+    """bench.py compiles some 20 models and layers in one process. Dynamo files compiled graphs under the
+    function's code (GPT.forward, MoE.forward), shared by every instance, and past its recompile limit of 8
+    a further model silently runs EAGER, which would make its timing meaningless. Raise the limit, and
+    make hitting it an error rather than a silent fallback."""
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
+def compiled(fn):
+    """torch.compile with static shapes: each model gets its own graph for its own sizes, instead of a
+    shape-generic one after the first size change (dynamo's automatic dynamic shapes)."""
+    return torch.compile(fn, dynamic=False)
+
+
 def timer(device: str):
     """Returns now(): wall-clock seconds after the device has finished all queued work."""
     def now() -> float:
@@ -98,7 +113,7 @@ def train_step_fn(cfg: GPTConfig, args, device: str):
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
     opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device)
-    step_model = torch.compile(model) if args.compile else model
+    step_model = compiled(model) if args.compile else model
     x = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.block_size), device=device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == 'bfloat16')
 
@@ -121,7 +136,7 @@ def ffn_layer_fns(cfg: GPTConfig, args, device: str):
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == 'bfloat16')
     if cfg.ffn_type == 'dense':
         layer = MLP(cfg, cfg.ffn_hidden).to(device)
-        run = (lambda: layer(x)) if not args.compile else torch.compile(lambda: layer(x))
+        run = (lambda: layer(x)) if not args.compile else compiled(lambda: layer(x))
 
         def fwd_bwd():
             with autocast:
@@ -130,7 +145,7 @@ def ffn_layer_fns(cfg: GPTConfig, args, device: str):
         return {'layer': fwd_bwd}
     shared = MLP(cfg, cfg.n_shared_experts * cfg.expert_hidden) if cfg.n_shared_experts else None
     layer = MoE(cfg, shared).to(device)
-    fwd = torch.compile(layer) if args.compile else layer
+    fwd = compiled(layer) if args.compile else layer
 
     def fwd_bwd():
         with autocast:
@@ -150,7 +165,7 @@ def ffn_layer_fns(cfg: GPTConfig, args, device: str):
     xsh = xf.clone().requires_grad_()
     experts = (lambda: layer._experts_grouped(xs, counts, keep)) if cfg.moe_dispatch == 'grouped' \
         else (lambda: layer._experts_loop(xs, counts, keep))
-    experts = torch.compile(experts) if args.compile else experts
+    experts = compiled(experts) if args.compile else experts
 
     gys = torch.randn(xs.shape, device=device, dtype=dtype)
     gy_flat = gy.view(n, cfg.n_embd)
@@ -275,6 +290,8 @@ def main() -> None:
     args.compile = cuda if args.compile is None else args.compile
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile:
+        allow_many_compiled_models()
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from bench import SCALING, median_ratio, model_configs, scaling_slope
+import torch
+
+from bench import SCALING, allow_many_compiled_models, median_ratio, model_configs, scaling_slope
 from conftest import REPO, subprocess_env
 from model import GPT
 
@@ -39,6 +41,33 @@ def test_every_benchmarked_model_has_the_dense_active_width():
         # active parameters differ from dense only by the router, E x C per layer
         active = GPT(cfg).param_counts()['active']
         assert active - dense_active == cfg.n_layer * cfg.n_experts * cfg.n_embd, name
+
+
+def test_every_compiled_model_gets_its_own_graph(monkeypatch):
+    """bench.py compiles 6 models per size in one process. With dynamo's defaults the 9th compile of
+    GPT.forward hits the recompile limit of 8 and that model silently runs eager (this test then counts
+    8 graphs, not 12); allow_many_compiled_models() must give every model its own graph."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    for name in ('recompile_limit', 'fail_on_recompile_limit_hit'):      # restored after the test
+        monkeypatch.setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name))
+    allow_many_compiled_models()
+    torch._dynamo.reset()
+    counters.clear()
+    n_models = 0
+    for n_layer, n_embd in [(1, 64), (1, 128)]:
+        for cfg in model_configs(n_layer, n_embd, 256, 16, scaling=True).values():
+            torch.manual_seed(0)
+            model = torch.compile(GPT(cfg), dynamic=False, backend='aot_eager')   # as bench.compiled(), without inductor's C++ build
+            x = torch.randint(0, 256, (2, 16))
+            with torch.autocast('cpu', dtype=torch.bfloat16):       # the grouped_mm path, as on CUDA
+                _, loss, _ = model(x, x, return_aux=True)
+            loss.backward()
+            n_models += 1
+    assert n_models == 12
+    assert counters['stats']['unique_graphs'] == 12
+    assert not counters['graph_break']
+    torch._dynamo.reset()
 
 
 def test_tiny_cpu_run_prints_both_tables_and_the_slope():
