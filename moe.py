@@ -198,18 +198,18 @@ class MoE(nn.Module):
     def _experts_grouped(self, xs: Tensor, counts: Tensor, keep: Tensor | None) -> Tensor:
         """All experts in three grouped matmuls. xs (M, C) sorted by expert; counts (E,)."""
         offs = counts.cumsum(0).to(torch.int32)       # end row of each expert's group
-        dtype = xs.dtype
 
         def gmm(a: Tensor, w: Tensor) -> Tensor:      # rows of group e times w[e]^T
-            if keep is None:
-                return F.grouped_mm(a, w.to(dtype).transpose(-2, -1), offs=offs)
-            # rows past offs[-1] (the dropped slots) are left uninitialised by grouped_mm: zero them on
-            # the way in and out so neither values nor gradients of garbage can leak
-            a = torch.where(keep[:, None], a, 0)
-            return torch.where(keep[:, None], F.grouped_mm(a, w.to(dtype).transpose(-2, -1), offs=offs), 0)
+            return F.grouped_mm(a, w.to(a.dtype).transpose(-2, -1), offs=offs)
 
+        # With capacity, rows past offs[-1] are the dropped slots, and grouped_mm never writes them: not in
+        # its output, not in the gradient of its input. Masking xs (so its gradient is masked) and the final
+        # output keeps that garbage out of y and out of x.grad; the rows in between are never read.
+        if keep is not None:
+            xs = torch.where(keep[:, None], xs, 0)
         h = F.silu(gmm(xs, self.w_gate)) * gmm(xs, self.w_up)       # (M, C) -> (M, H)
-        return gmm(h, self.w_down)                                  # (M, H) -> (M, C)
+        out = gmm(h, self.w_down)                                   # (M, H) -> (M, C)
+        return out if keep is None else torch.where(keep[:, None], out, 0)
 
     def _experts_loop(self, xs: Tensor, counts: Tensor, keep: Tensor | None) -> Tensor:
         """Reference/fallback: a loop over experts, each on its contiguous slice of rows.

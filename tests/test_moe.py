@@ -176,6 +176,38 @@ def test_fast_dispatch_equals_naive_reference(case, dispatch):
         assert aux['dropped_frac'].item() > 0     # the case really exercises dropping
 
 
+@pytest.fixture
+def poisoned_memory():
+    """Every tensor torch allocates without writing (torch.empty, and the rows grouped_mm skips) is NaN."""
+    import torch.utils.deterministic
+    before = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(before[0])
+    torch.utils.deterministic.fill_uninitialized_memory = before[1]
+
+
+@pytest.mark.parametrize('case', [c for c in CASES if c.get('capacity_factor')],
+                         ids=lambda c: '-'.join(f'{k}={v}' for k, v in c.items()))
+def test_rows_grouped_mm_skips_never_reach_outputs_or_gradients(case, poisoned_memory):
+    """With capacity, grouped_mm leaves the dropped slots' rows unwritten (NaN here) in its output and in
+    its input's gradient; the layer must mask both, or y and x.grad come out NaN."""
+    layer = make_layer(dispatch='grouped', **case)
+    torch.manual_seed(2)
+    x = torch.randn(2, 10, 16)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_fast, aux = layer(x1)
+    assert aux['dropped_frac'].item() > 0
+    y_ref = naive_moe(layer, x2)
+    torch.testing.assert_close(y_fast, y_ref, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(y_ref)
+    g_fast = torch.autograd.grad((y_fast * grad_out).sum(), [x1, *layer.parameters()])
+    g_ref = torch.autograd.grad((y_ref * grad_out).sum(), [x2, *layer.parameters()], allow_unused=True)
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b, atol=1e-5, rtol=1e-5)
+
+
 def test_capacity_never_exceeded_and_dropped_slots_are_zero():
     # a router that prefers expert 0 for every token: with top-1 and capacity 2, tokens past the
     # second get nothing from the routed experts (the residual path carries them in the model)
