@@ -12,7 +12,7 @@ For each size (n_layer x n_embd) it builds
     E=8, E=64, E=256   the scaling family: 8, 64, 256 routed experts (top-2, -8, -16) of width
                   4 * n_embd / top_k, nothing else changed (deepseek_moe routing, no shared experts)
 and times full training steps (forward, backward, AdamW) after a warm-up, interleaving the models round
-by round, so that a slow moment of the machine hits all of them; each MoE's cost is the median over rounds
+by round (in an order rotated every round), so that a slow moment of the machine hits all of them; each MoE's cost is the median over rounds
 of its step time divided by dense's in the same round. Then the same for one FFN layer alone (forward +
 backward on B*T tokens), and the dispatch share: the MoE layer's time minus its expert matmuls alone
 (router, sort, gather, weighting, scatter-add, balancing statistics), as a share of the full step.
@@ -89,17 +89,24 @@ def timer(device: str):
     return now
 
 
+def round_order(names: list, r: int) -> list:
+    """The order of round r: the list rotated by r, so that no model always runs first (after the largest
+    one, say) and a position effect cannot pass for a speed difference."""
+    r %= len(names)
+    return names[r:] + names[:r]
+
+
 def interleaved_times(fns: dict, warmup: int, rounds: int, device: str) -> dict[str, list[float]]:
-    """Run every fn `warmup` times, then `rounds` rounds of one call each, in turn. Seconds per call."""
+    """Run every fn `warmup` times, then `rounds` rounds of one call each, in a rotating order. Seconds per call."""
     now = timer(device)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    for r in range(rounds):
+        for name in round_order(list(fns), r):
             t0 = now()
-            fn()
+            fns[name]()
             times[name].append(now() - t0)
     return times
 

@@ -10,7 +10,8 @@ import pytest
 
 import torch
 
-from bench import SCALING, allow_many_compiled_models, median_ratio, model_configs, scaling_slope
+from bench import (SCALING, allow_many_compiled_models, interleaved_times, median_ratio, model_configs, round_order,
+                   scaling_slope)
 from conftest import REPO, subprocess_env
 from model import GPT
 
@@ -18,6 +19,15 @@ from model import GPT
 def test_median_ratio_is_the_median_of_per_round_ratios():
     # rounds 2/1, 3/3, 8/2 -> ratios 2, 1, 4 -> median 2 (the ratio of medians would be 3/2)
     assert median_ratio([2.0, 3.0, 8.0], [1.0, 3.0, 2.0]) == 2.0
+
+
+def test_rounds_rotate_so_no_model_always_runs_first():
+    assert [round_order(['a', 'b', 'c'], r) for r in range(4)] == [['a', 'b', 'c'], ['b', 'c', 'a'], ['c', 'a', 'b'],
+                                                                    ['a', 'b', 'c']]
+    calls = []
+    times = interleaved_times({n: (lambda n=n: calls.append(n)) for n in 'abc'}, warmup=1, rounds=3, device='cpu')
+    assert calls == list('abc') + list('abc') + list('bca') + list('cab')    # warm-up, then rotated rounds
+    assert all(len(t) == 3 and min(t) >= 0 for t in times.values())
 
 
 def test_scaling_slope_by_hand():
