@@ -5,6 +5,9 @@ Benchmark: what does an MoE step cost over a dense model with the same ACTIVE FF
     python bench.py --device cuda            # bf16 autocast + torch.compile, sizes 6x384 and 12x768
     python bench.py --sizes 2x256 4x512 --batch_size 8 --block_size 256 --rounds 15
 
+On a Linux CPU, set MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 first: otherwise glibc
+returns the ~400 MB of logits to the system every step, and page faults take half the step (bench/RESULTS.md).
+
 For each size (n_layer x n_embd) it builds
     dense         SwiGLU FFN of width 4 * n_embd
     moe           8 experts, top-2, each 2 * n_embd wide                (config/moe.py)
