@@ -15,8 +15,8 @@ For each size (n_layer x n_embd) it builds
     E=8, E=64, E=256   the scaling family: 8, 64, 256 routed experts (top-2, -8, -16) of width
                   4 * n_embd / top_k, nothing else changed (deepseek_moe routing, no shared experts)
 and times full training steps (forward, backward, AdamW) after a warm-up, interleaving the models round
-by round (in an order rotated every round), so that a slow moment of the machine hits all of them; each MoE's cost is the median over rounds
-of its step time divided by dense's in the same round. Then the same for one FFN layer alone (forward +
+by round (in an order rotated every round), so that a slow moment of the machine hits all of them; each
+MoE's cost is the median over rounds of its step time divided by dense's in the same round. Then the same for one FFN layer alone (forward +
 backward on B*T tokens), and the dispatch share: the MoE layer's time minus its expert matmuls alone
 (router, sort, gather, weighting, scatter-add, balancing statistics), as a share of the full step.
 Last, the slope of log(layer cost) against log(expert count) over the scaling family: 0 would mean
@@ -68,19 +68,15 @@ def scaling_slope(points: list[tuple[int, float]]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
-def allow_many_compiled_models() -> None:
-    """bench.py compiles some 20 models and layers in one process. Dynamo files compiled graphs under the
-    function's code (GPT.forward, MoE.forward), shared by every instance, and past its recompile limit of 8
-    a further model silently runs EAGER, which would make its timing meaningless. Raise the limit, and
-    make hitting it an error rather than a silent fallback."""
+def compiled(fn, backend: str = 'inductor'):
+    """torch.compile as bench.py needs it. It compiles some 20 models and layers in one process, and dynamo
+    files compiled graphs under the function's code (GPT.forward, MoE.forward), shared by every instance:
+    past its recompile limit of 8 a further model would silently run EAGER, making its timing meaningless.
+    So the limit is raised and hitting it is an error; and shapes are static, so that each model gets its
+    own graph for its own sizes rather than a shape-generic one after the first size change."""
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.fail_on_recompile_limit_hit = True
-
-
-def compiled(fn):
-    """torch.compile with static shapes: each model gets its own graph for its own sizes, instead of a
-    shape-generic one after the first size change (dynamo's automatic dynamic shapes)."""
-    return torch.compile(fn, dynamic=False)
+    return torch.compile(fn, dynamic=False, backend=backend)
 
 
 def timer(device: str):
@@ -255,12 +251,11 @@ def bench_size(n_layer: int, n_embd: int, args, device: str) -> None:
         n_moe = n_layer - cfg.n_dense_layers
         print(f"| {name} | {layer_ms:.2f} | {layer_ratio[name]:.3f}x | {dispatch_ms:.2f} | {dispatch_ms / layer_ms:.0%} | "
               f"{n_moe * dispatch_ms / step_ms:.0%} |")
-    family = [f'E={e}' for e, _ in SCALING if f'E={e}' in configs]
+    family = [(e, f'E={e}') for e, _ in SCALING if f'E={e}' in configs]
     if len(family) >= 2:
-        experts = [configs[name].n_experts for name in family]
-        print(f"\nscaling from {experts[0]} to {experts[-1]} routed experts at equal active width: FFN layer cost grows as "
-              f"experts^{scaling_slope([(e, layer_ratio[n]) for e, n in zip(experts, family)]):.2f}, full step as "
-              f"experts^{scaling_slope([(e, step_ratio[n]) for e, n in zip(experts, family)]):.2f}")
+        print(f"\nscaling from {family[0][0]} to {family[-1][0]} routed experts at equal active width: FFN layer cost "
+              f"grows as experts^{scaling_slope([(e, layer_ratio[n]) for e, n in family]):.2f}, full step as "
+              f"experts^{scaling_slope([(e, step_ratio[n]) for e, n in family]):.2f}")
     if device == 'cuda':
         for name in ('moe', 'deepseek_moe'):
             print(f"host synchronisations in the {name} forward: {check_no_host_sync(configs[name], args)}")
@@ -300,8 +295,6 @@ def main() -> None:
     args.compile = cuda if args.compile is None else args.compile
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.compile:
-        allow_many_compiled_models()
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -318,6 +311,7 @@ def main() -> None:
         sizes.append((n_layer, n_embd))
     for n_layer, n_embd in sizes:
         bench_size(n_layer, n_embd, args, args.device)
+
 
 if __name__ == '__main__':
     main()

@@ -7,11 +7,9 @@ import subprocess
 import sys
 
 import pytest
-
 import torch
 
-from bench import (SCALING, allow_many_compiled_models, interleaved_times, median_ratio, model_configs, round_order,
-                   scaling_slope)
+from bench import SCALING, compiled, interleaved_times, median_ratio, model_configs, round_order, scaling_slope
 from conftest import REPO, subprocess_env
 from model import GPT
 
@@ -56,19 +54,18 @@ def test_every_benchmarked_model_has_the_dense_active_width():
 def test_every_compiled_model_gets_its_own_graph(monkeypatch):
     """bench.py compiles 6 models per size in one process. With dynamo's defaults the 9th compile of
     GPT.forward hits the recompile limit of 8 and that model silently runs eager (this test then counts
-    8 graphs, not 12); allow_many_compiled_models() must give every model its own graph."""
+    8 graphs, not 12); bench.compiled() must give every model its own graph."""
     import torch._dynamo
     from torch._dynamo.utils import counters
     for name in ('recompile_limit', 'fail_on_recompile_limit_hit'):      # restored after the test
         monkeypatch.setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name))
-    allow_many_compiled_models()
     torch._dynamo.reset()
     counters.clear()
     n_models = 0
     for n_layer, n_embd in [(1, 64), (1, 128)]:
         for cfg in model_configs(n_layer, n_embd, 256, 16, scaling=True).values():
             torch.manual_seed(0)
-            model = torch.compile(GPT(cfg), dynamic=False, backend='aot_eager')   # as bench.compiled(), without inductor's C++ build
+            model = compiled(GPT(cfg), backend='aot_eager')      # aot_eager: without inductor's C++ build
             x = torch.randint(0, 256, (2, 16))
             with torch.autocast('cpu', dtype=torch.bfloat16):       # the grouped_mm path, as on CUDA
                 _, loss, _ = model(x, x, return_aux=True)
