@@ -43,13 +43,18 @@ class GPTConfig:
     z_loss_coef: float = 0.0       # router z-loss
     seq_aux_coef: float = 0.0      # DeepSeek-V3 sequence-wise balance loss
     bias_update_speed: float = 0.0  # gamma of aux-loss-free balancing; 0 = off
-    moe_dispatch: str = 'grouped'  # 'grouped' (F.grouped_mm) | 'loop' (loop over experts)
+    moe_dispatch: str = 'auto'     # 'auto' (grouped where F.grouped_mm runs, else loop) | 'grouped' | 'loop'
 
     def __post_init__(self):
         def bad(msg: str):
             raise ValueError(msg)
         if self.ffn_type not in ('dense', 'moe', 'deepseek_moe'):
             bad(f"ffn_type must be dense|moe|deepseek_moe, got {self.ffn_type!r}")
+        for name in ('vocab_size', 'block_size', 'n_layer', 'n_head', 'n_embd'):
+            if getattr(self, name) < 1:
+                bad(f"{name}={getattr(self, name)} must be >= 1")
+        if not 0 <= self.dropout < 1:
+            bad(f"dropout={self.dropout} must be in [0, 1)")
         if self.n_embd % self.n_head:
             bad(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if not 0 <= self.n_dense_layers <= self.n_layer:
@@ -70,8 +75,8 @@ class GPTConfig:
             bad("score_func='sigmoid' is DeepSeek-V3's gating: use it with ffn_type='deepseek_moe'")
         if self.n_shared_experts < 0 or self.capacity_factor < 0:
             bad("n_shared_experts and capacity_factor must be >= 0")
-        if self.moe_dispatch not in ('grouped', 'loop'):
-            bad(f"moe_dispatch must be grouped|loop, got {self.moe_dispatch!r}")
+        if self.moe_dispatch not in ('auto', 'grouped', 'loop'):
+            bad(f"moe_dispatch must be auto|grouped|loop, got {self.moe_dispatch!r}")
         for name in ('aux_loss_coef', 'balance_loss_coef', 'z_loss_coef', 'seq_aux_coef', 'bias_update_speed'):
             if getattr(self, name) < 0:
                 bad(f"{name}={getattr(self, name)} must be >= 0")
@@ -214,7 +219,9 @@ class GPT(nn.Module):
         aux_loss = sum((a['aux_loss'] for a in moe_aux), x.new_zeros((), dtype=torch.float32))
         if targets is not None:
             logits = self.lm_head(x)                                                      # (B, T, V)
-            ce_loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+            # cross-entropy in at least float32, whatever the autocast dtype of the logits
+            ce_loss = F.cross_entropy(logits.view(-1, logits.size(-1)).to(torch.promote_types(logits.dtype, torch.float32)),
+                                      targets.view(-1), ignore_index=-1)
             loss = ce_loss + aux_loss             # the training objective; ce_loss is what we compare
         else:
             logits = self.lm_head(x[:, [-1], :])  # inference: only the last position, (B, 1, V)
@@ -269,7 +276,11 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None) -> Tensor:
-        """Sample max_new_tokens tokens after idx (B, T), feeding predictions back in."""
+        """Sample max_new_tokens tokens after idx (B, T), feeding predictions back in. Runs in eval mode
+        (no dropout, no capacity dropping: a token's experts never depend on other tokens), then restores
+        the mode the model was in."""
+        was_training = self.training
+        self.eval()
         for _ in range(max_new_tokens):
             idx_cond = idx[:, -self.config.block_size:]
             logits, _ = self(idx_cond)
@@ -279,6 +290,7 @@ class GPT(nn.Module):
                 logits[logits < v[:, [-1]]] = -float('inf')
             idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
+        self.train(was_training)
         return idx
 
 
@@ -304,38 +316,50 @@ def gpu_peak_flops(device: str | torch.device = 'cuda') -> float | None:
 def resolve_device(device: str, dtype: str):
     """The 'auto' settings of train.py and sample.py made concrete. Returns (device, device_type, dtype,
     autocast context): CUDA if present, bfloat16 autocast on GPUs that support it, float32 otherwise."""
-    dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+    dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float64': torch.float64}
     if dtype != 'auto' and dtype not in dtypes:
-        raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {dtype!r}")
+        raise ValueError(f"dtype must be auto|float32|bfloat16|float16|float64, got {dtype!r}")
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     if dtype == 'auto':
         dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
-    autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=dtypes[dtype])
+    # float32 and float64 run without autocast (a float64 model is cast to float64 by its caller)
+    autocast = nullcontext() if dtype in ('float32', 'float64') else torch.autocast(device_type=device_type, dtype=dtypes[dtype])
     return device, device_type, dtype, autocast
 
 
-def load_checkpoint(path: str, device: str | torch.device = 'cpu') -> tuple[GPT, dict]:
-    """Load a checkpoint written by train.py and rebuild its model. Raises FileNotFoundError or
-    ValueError with a one-line message naming the file and what to do."""
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint written by train.py, read onto the CPU. Raises FileNotFoundError or ValueError with a
+    one-line message naming the file and what to do; never modifies the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found; train first (python train.py config/...) "
                                 f"or point out_dir at a run directory that holds ckpt.pt")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
         raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); "
                          f"delete it and retrain, or restore a good copy") from None
     missing = [k for k in ('model', 'model_args') if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f"checkpoint {path} lacks {missing}; it was not written by this repo's train.py")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, path: str, **overrides) -> GPT:
+    """The GPT of a checkpoint with its weights (on the CPU). overrides change settings that do not change
+    the weights' shapes (moe_dispatch, capacity_factor, ...); unknown keys of older checkpoints are ignored."""
     known = {f.name for f in fields(GPTConfig)}
-    model = GPT(GPTConfig(**{k: v for k, v in ckpt['model_args'].items() if k in known}))
+    model = GPT(GPTConfig(**{k: v for k, v in {**ckpt['model_args'], **overrides}.items() if k in known}))
     state = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in ckpt['model'].items()}
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {path} does not match its own model_args: {str(e).splitlines()[0]}") from None
-    return model.to(device), ckpt
+    return model
 
+
+def load_checkpoint(path: str, device: str | torch.device = 'cpu', **overrides) -> tuple[GPT, dict]:
+    """Read a checkpoint and rebuild its model on device: (model, checkpoint dict). See read_checkpoint."""
+    ckpt = read_checkpoint(path)
+    return model_from_checkpoint(ckpt, path, **overrides).to(device), ckpt

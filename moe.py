@@ -7,7 +7,8 @@ router that sends every token to only `top_k` of them. Read it in this order:
 1. pure functions: the balancing losses and the load metrics (tests check them by hand);
 2. `MoE.route`: scores, top-k selection, gate values;
 3. `MoE.dispatch`: sort the token-slots by expert, run every expert on its contiguous rows with one
-   grouped matmul, weight by the gates and add back (optionally dropping slots past the capacity);
+   grouped matmul, weight by the gates and add back (in training, optionally dropping slots past the
+   capacity);
 4. `MoE.forward`: route + dispatch + shared experts + the auxiliary losses and routing statistics;
 5. `MoE.update_bias`: DeepSeek-V3's auxiliary-loss-free balancing, called once per optimizer step.
 
@@ -72,6 +73,10 @@ def load_balance_loss(probs: Tensor, idx: Tensor, n_experts: int) -> Tensor:
     F_i = fraction of the routed token-slots sent to expert i (no gradient: it comes from argmax);
     P_i = mean router probability of expert i (the gradient flows through it).
     Equals 1 when routing is uniform. Multiply by the coefficient alpha outside.
+
+    Convention: F_i is a share of the N*k token-slots, so it sums to 1 for any top-k (Switch's top-1
+    definition, extended). Hugging Face's Mixtral `load_balancing_loss_func` divides by tokens instead
+    (its F sums to k), so its value is k times ours: alpha = 0.01 here at top-2 equals 0.005 in its units.
     """
     f = expert_load(idx, n_experts) / idx.numel()     # F_i, sums to 1
     p = probs.mean(0)                                 # (N, E) -> (E,) P_i
@@ -98,6 +103,16 @@ def sequence_balance_loss(scores: Tensor, idx: Tensor, n_experts: int, batch_siz
     counts.scatter_add_(1, idx.view(batch_size, t * k), torch.ones_like(counts[:, :1]).expand(-1, t * k))
     f = counts * n_experts / (k * t)                               # (B, E) f_i per sequence
     return (f * p).sum(-1).mean()
+
+
+def grouped_mm_runs(device_type: str, dtype: torch.dtype, compiling: bool) -> bool:
+    """Whether F.grouped_mm takes this device and dtype (torch 2.9-2.13). CUDA: bfloat16 only (and compute
+    capability >= 8.0, which model.py's runtime helper checks before training). CPU: float32, bfloat16 and
+    float16 in eager mode, but only bfloat16 when compiled (its meta function demands bf16). Never float64,
+    and no other device. Where it does not run, the MoE layer uses the loop over experts."""
+    if dtype == torch.bfloat16:
+        return device_type in ('cuda', 'cpu')
+    return device_type == 'cpu' and not compiling and dtype in (torch.float32, torch.float16)
 
 
 def expert_capacity(n_tokens: int, n_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -149,11 +164,12 @@ class MoE(nn.Module):
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """x (N, C) -> gates (N, k), idx (N, k), scores (N, E), logits (N, E).
 
-        The router runs in float32 even under bf16 autocast: top-k near-ties and a bias step of
-        gamma = 1e-3 are below bf16's resolution (about 4e-3 near 0.5).
+        The router runs in float32 even under bf16 autocast (float64 in a float64 model): top-k near-ties
+        and a bias step of gamma = 1e-3 are below bf16's resolution (about 4e-3 near 0.5).
         """
+        dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.router.weight.float())      # (N, E) u_t . e_i
+            logits = F.linear(x.to(dtype), self.router.weight.to(dtype))  # (N, E) u_t . e_i
         if self.score_func == 'sigmoid':
             scores = torch.sigmoid(logits)                    # s_{i,t} = sigmoid(u_t . e_i)  (V3 eq. 15)
         else:
@@ -231,7 +247,11 @@ class MoE(nn.Module):
         x (N, C), gates/idx (N, k) -> y (N, C) and the number of dropped slots (scalar tensor).
         """
         N, k = idx.shape
-        capacity = expert_capacity(N, self.n_experts, k, self.capacity_factor)
+        # Dropping happens in training only. Which slots overflow is decided over the whole batch, so with
+        # a capacity a token's output would depend on later tokens and on other sequences: not causal, and
+        # not the model we mean to evaluate. Evaluation and sampling are dropless (Switch and ST-MoE, too,
+        # evaluate at a higher capacity than they train with).
+        capacity = expert_capacity(N, self.n_experts, k, self.capacity_factor) if self.training else 0
         order, counts, keep = self._sort_slots(idx, capacity)
         token = order % N                                  # slot j*N + t belongs to token t
         gate = gates.t().reshape(-1)[order]                # (N*k,) gate of each sorted slot
@@ -240,9 +260,8 @@ class MoE(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)
         # index_select, not x[token]: its backward is an index_add_, much cheaper than advanced indexing's
         xs = x.index_select(0, token).to(dtype)            # (N, C) -> (N*k, C) gathered, grouped by expert
-        # grouped_mm: on CPU in eager mode any float dtype; when compiled or on CUDA only bfloat16
-        grouped_ok = dtype == torch.bfloat16 or (x.device.type == 'cpu' and not torch.compiler.is_compiling())
-        if self.dispatch_impl == 'grouped' and grouped_ok:
+        # 'grouped' or 'auto': one grouped matmul where grouped_mm takes this dtype here, else the loop
+        if self.dispatch_impl != 'loop' and grouped_mm_runs(x.device.type, dtype, torch.compiler.is_compiling()):
             ys = self._experts_grouped(xs, counts, keep)
         else:
             ys = self._experts_loop(xs, counts, keep)

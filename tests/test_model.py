@@ -127,6 +127,35 @@ def test_grouped_and_loop_dispatch_agree_inside_the_model(kind):
         torch.testing.assert_close(pa.grad, pb.grad, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize('kind', ['moe', 'deepseek_moe'])
+def test_eval_is_causal_and_batch_independent_with_a_capacity(kind):
+    """With a capacity, which slots overflow is decided over the whole batch. In training that makes a
+    token's output depend on later tokens and other sequences; evaluation and sampling must not."""
+    model = tiny(kind, capacity_factor=0.5)
+    a = torch.randint(0, 256, (4, 16))
+    b = a.clone()
+    b[:, 8:] = torch.randint(0, 256, (4, 8))                    # only the later tokens change
+    alone = a[:1]                                                # the first sequence without the others
+
+    def gaps(model) -> tuple[float, float]:
+        la, lb, l1 = (model(x, x)[0] for x in (a, b, alone))
+        return (la[:, :8] - lb[:, :8]).abs().max().item(), (la[:1] - l1).abs().max().item()
+    causal_gap, batch_gap = gaps(model)
+    assert causal_gap > 1e-4 and batch_gap > 1e-4               # training mode: the capacity leaks (and the test sees it)
+    model.eval()
+    causal_gap, batch_gap = gaps(model)
+    assert causal_gap < 1e-5 and batch_gap < 1e-5
+
+
+def test_generate_runs_in_eval_mode_and_restores_the_mode():
+    model = tiny('moe', capacity_factor=0.5)
+    seen = []
+    model.transformer.h[0].ffn.register_forward_hook(lambda m, i, o: seen.append((m.training, o[1]['dropped_frac'].item())))
+    model.generate(torch.zeros(3, 4, dtype=torch.long), max_new_tokens=3)
+    assert seen and all(not training and dropped == 0 for training, dropped in seen)
+    assert model.training
+
+
 def test_update_moe_biases_per_layer():
     model = tiny('deepseek_moe')
     counts = torch.zeros(2, 14)

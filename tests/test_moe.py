@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from model import GPT, GPTConfig, MLP
 from moe import (MoE, coefficient_of_variation, expert_capacity, expert_load, importance,
-                 importance_loss, load_balance_loss, max_vio, router_z_loss, sequence_balance_loss)
+                 grouped_mm_runs, importance_loss, load_balance_loss, max_vio, router_z_loss, sequence_balance_loss)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,7 +109,7 @@ def naive_moe(layer: MoE, x: torch.Tensor) -> torch.Tensor:
     W = layer.router.weight
     all_out = torch.stack([F.silu(xs @ layer.w_gate[e].T) * (xs @ layer.w_up[e].T) @ layer.w_down[e].T
                            for e in range(E)], dim=1)                  # (N, E, C): every expert, every token
-    capacity = expert_capacity(N, E, k, layer.capacity_factor)
+    capacity = expert_capacity(N, E, k, layer.capacity_factor) if layer.training else 0   # dropless in eval
     chosen, gate_values = [], []
     for t in range(N):                                                # route token by token
         u = W @ xs[t]
@@ -167,6 +167,39 @@ def assert_matches_naive(layer: MoE, x: torch.Tensor) -> dict:
     for a, b in zip(g_fast, g_ref):
         torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b, atol=1e-5, rtol=1e-5)
     return aux
+
+
+def test_grouped_mm_runs_where_its_kernels_take_the_dtype():
+    assert grouped_mm_runs('cuda', torch.bfloat16, compiling=True)
+    assert not grouped_mm_runs('cuda', torch.float16, compiling=False)
+    assert not grouped_mm_runs('cuda', torch.float32, compiling=False)
+    assert grouped_mm_runs('cpu', torch.float32, compiling=False)
+    assert not grouped_mm_runs('cpu', torch.float32, compiling=True)      # compiled: bf16 only
+    assert grouped_mm_runs('cpu', torch.bfloat16, compiling=True)
+    assert not grouped_mm_runs('cpu', torch.float64, compiling=False)
+    assert not grouped_mm_runs('mps', torch.bfloat16, compiling=False)
+
+
+@pytest.mark.parametrize('dispatch', ['auto', 'grouped'])
+def test_float64_falls_back_to_the_loop_and_stays_exact(dispatch):
+    """grouped_mm rejects float64: the layer must use the loop (no crash), and match the reference."""
+    layer = make_layer(capacity_factor=1.0, dispatch=dispatch).double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    y, _ = layer(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, naive_moe(layer, x), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize('case', [c for c in CASES if c.get('capacity_factor')], ids=str)
+def test_eval_mode_is_dropless(case):
+    layer = make_layer(**case)
+    x = torch.randn(2, 7, 16)
+    _, aux = layer(x)
+    assert aux['dropped_frac'] > 0                          # training: this capacity drops slots
+    layer.eval()
+    _, aux = layer(x)
+    assert aux['dropped_frac'] == 0
+    assert_matches_naive(layer, x)                          # the reference, without a capacity
 
 
 @pytest.mark.parametrize('dispatch', ['grouped', 'loop'])
