@@ -3,10 +3,17 @@ The configurator: settings come from module-level defaults, then config files, t
 
     python train.py config/deepseek_moe.py --batch_size=32 --compile=False
 
-A config file is plain Python assignments, run with the current settings visible (so a file can
-write `expert_hidden = n_embd // 2`). Every key must be a known setting and keep its default's type
-(an int is accepted for a float); anything else raises ValueError with a one-line message naming the
-key and the fix. This is the only place that reads the command line's settings.
+A config file is plain Python assignments, run in order with the current settings visible, so a file can
+derive one setting from another (`expert_hidden = n_embd // 2`).
+
+The command line always wins, everywhere: a setting given as --key=value holds that value from the start,
+in every config file (an assignment to it there is ignored), and at the end. So
+`config/deepseek_moe.py --n_embd=256` builds experts 256 // 2 = 128 wide, as the file intends, not
+384 // 2 = 192. Where several --key=value name the same key, the last one counts.
+
+Every key must be a known setting and keep its default's type (an int is accepted for a float; a setting
+whose default is 'auto' also takes True or False); anything else raises ValueError with a one-line message
+naming the key and the fix. This is the only place that reads the command line's settings.
 """
 
 import ast
@@ -24,6 +31,8 @@ def check_value(key: str, value, defaults: dict):
     want = type(defaults[key])
     if want is float and type(value) is int:            # 3 for 3.0 is fine
         return float(value)
+    if defaults[key] == 'auto' and type(value) is bool:  # compile='auto' | True | False
+        return value
     if type(value) is not want:                         # bool is an int subclass: require the real type
         raise ValueError(f"setting {key!r} expects {want.__name__} (like {defaults[key]!r}), "
                          f"got {type(value).__name__} {value!r}")
@@ -38,27 +47,45 @@ def parse_value(text: str):
         return text
 
 
-def configure(defaults: dict, argv: list[str]) -> dict:
-    """Apply config files and --key=value overrides, in order, to a copy of defaults."""
-    settings = dict(defaults)
+class ConfigNamespace(dict):
+    """The namespace a config file runs in: the settings so far, where an assignment to a setting given on
+    the command line is ignored, so that the rest of the file computes with the command-line value."""
+
+    def __init__(self, settings: dict, pinned: dict):
+        super().__init__(settings)
+        self.pinned = pinned
+
+    def __setitem__(self, key, value):
+        if key not in self.pinned:
+            super().__setitem__(key, value)
+
+
+def configure(defaults: dict, argv: list[str], base: dict | None = None) -> dict:
+    """Apply config files and --key=value settings to a copy of base (default: defaults). See the module
+    docstring for the rule: the command line holds from the start, through every file, to the end."""
+    pinned, files = {}, []
     for arg in argv:
         if arg.startswith('--'):
             key, eq, text = arg[2:].partition('=')
             if not eq:
                 raise ValueError(f"argument {arg!r} has no value; write --{key}=VALUE")
-            settings[key] = check_value(key, parse_value(text), defaults)
-            continue
-        if not os.path.isfile(arg):
+            pinned[key] = check_value(key, parse_value(text), defaults)
+        elif not os.path.isfile(arg):
             raise ValueError(f"config file {arg} not found; pass a path like config/deepseek_moe.py")
-        namespace = dict(settings)
-        with open(arg) as f:
-            code = compile(f.read(), arg, 'exec')
-        exec(code, namespace)
+        else:
+            files.append(arg)
+    settings = {**(defaults if base is None else base), **pinned}
+    for path in files:
+        with open(path) as f:
+            code = compile(f.read(), path, 'exec')
+        namespace = ConfigNamespace(settings, pinned)
+        # globals hold the same settings, so that names read inside a comprehension or function resolve too
+        exec(code, dict(namespace), namespace)
         for key, value in namespace.items():
             if key.startswith('_') or isinstance(value, types.ModuleType):
                 continue                                # __builtins__, imports, private helpers
             try:
                 settings[key] = check_value(key, value, defaults)
             except ValueError as e:
-                raise ValueError(f"{arg}: {e}") from None
+                raise ValueError(f"{path}: {e}") from None
     return settings

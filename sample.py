@@ -42,7 +42,8 @@ if __name__ == '__main__':
     enc = tiktoken.get_encoding('gpt2')
     torch.manual_seed(seed)
     model.eval()
-    prompt = enc.encode(start, allowed_special={'<|endoftext|>'})
+    # an empty prompt starts from <|endoftext|>, the token that separates documents in training
+    prompt = enc.encode(start, allowed_special={'<|endoftext|>'}) or [enc.eot_token]
     x = torch.tensor(prompt, dtype=torch.long, device=device)[None, ...]
     with autocast:
         for _ in range(num_samples):

@@ -6,8 +6,8 @@ One GPU or the CPU:
     python train.py config/moe.py --max_iters=100 --compile=False
 Several GPUs (DDP), e.g. 8 on one node:
     torchrun --standalone --nproc_per_node=8 train.py config/deepseek_moe.py
-Continue an interrupted run exactly where it stopped:
-    python train.py config/deepseek_moe.py --init_from=resume
+Continue an interrupted run exactly where it stopped (its settings come from the checkpoint):
+    python train.py --init_from=resume --out_dir=out-deepseek_moe
 
 The defaults below are the TinyStories comparison: config/*.py change only the FFN, so dense, moe
 and deepseek_moe train on the same data, for the same steps, with the same optimizer.
@@ -25,8 +25,8 @@ from dataclasses import fields
 import numpy as np
 import torch
 
-from configurator import configure
-from model import GPT, GPTConfig, gpu_peak_flops, load_checkpoint, resolve_device
+from configurator import check_value, configure
+from model import GPT, GPTConfig, gpu_peak_flops, model_from_checkpoint, read_checkpoint, resolve_device
 from moe import max_vio
 
 # -----------------------------------------------------------------------------
@@ -91,13 +91,66 @@ seed = 1337
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]
+# the settings that fix the shapes of the weights: a resumed run cannot change them
+SHAPE_KEYS = ('n_layer', 'n_embd', 'n_head', 'vocab_size', 'block_size', 'ffn_type', 'ffn_hidden', 'n_experts',
+              'top_k', 'expert_hidden', 'n_shared_experts', 'n_dense_layers', 'bias')
+
+
+def check_settings(s: dict) -> None:
+    """The checks GPTConfig does not do: counts, sizes, the optimizer and the LR schedule. Raises ValueError
+    with one line naming the setting and the fix."""
+    for name in ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'eval_iters'):
+        if s[name] < 1:
+            raise ValueError(f"{name}={s[name]} must be >= 1")
+    for name in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight_decay', 'grad_clip'):
+        if s[name] < 0:
+            raise ValueError(f"{name}={s[name]} must be >= 0")
+    if not s['learning_rate'] > 0:
+        raise ValueError(f"learning_rate={s['learning_rate']} must be > 0")
+    for name in ('beta1', 'beta2'):
+        if not 0 <= s[name] < 1:
+            raise ValueError(f"{name}={s[name]} must be in [0, 1)")
+    if s['decay_lr'] and s['warmup_iters'] >= s['lr_decay_iters']:
+        raise ValueError(f"warmup_iters={s['warmup_iters']} must be smaller than lr_decay_iters={s['lr_decay_iters']} "
+                         f"(warm up, then decay until lr_decay_iters); lower --warmup_iters or raise --lr_decay_iters "
+                         f"(usually = max_iters), or set --decay_lr=False")
+    if s['init_from'] not in ('scratch', 'resume'):
+        raise ValueError(f"init_from must be 'scratch' or 'resume', got {s['init_from']!r}")
+
+
+def resume_settings(saved: dict, model_args: dict, argv: list[str], out_dir: str) -> dict:
+    """The settings of a resumed run: the checkpoint's saved settings, then what is given now (config files,
+    --key=value) on top, in out_dir (where the checkpoint was found). Raises ValueError if a setting that
+    fixes the weights' shapes (SHAPE_KEYS) would differ from the checkpoint's model."""
+    base = dict(DEFAULTS)
+    for key, value in saved.items():
+        if key in DEFAULTS:                                  # settings of an older version may be gone
+            base[key] = check_value(key, value, DEFAULTS)
+    base['out_dir'] = out_dir
+    settings = configure(DEFAULTS, argv, base=base)
+    for key in SHAPE_KEYS:
+        if key in model_args and settings[key] != model_args[key]:
+            raise ValueError(f"{key}={settings[key]!r} differs from the checkpoint's {key}={model_args[key]!r}, and a "
+                             f"resumed model cannot change shape; drop that setting (a resumed run takes its settings "
+                             f"from the checkpoint), or start a new run with another --out_dir")
+    return settings
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a checkpoint's optimizer state (the moments, the step counts) but keep the hyperparameters the
+    optimizer was built with now (weight_decay, betas, ...): load_state_dict alone would bring back the old ones."""
+    now = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, hyper in zip(optimizer.param_groups, now):
+        group.update(hyper)
 
 
 def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:
-    """Linear warmup for warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    """Linear warmup for warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr. Never divides
+    by zero: the cosine branch is only reached when warmup_iters <= it < lr_decay_iters."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it > lr_decay_iters:
+    if it >= lr_decay_iters:
         return min_lr
     ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))        # 1 -> 0
@@ -157,24 +210,38 @@ def save_checkpoint(checkpoint: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
-def layer_stats(counts: torch.Tensor) -> list[float]:
-    """MaxVio of each MoE layer from (n_moe_layers, E) counts."""
-    return [round(v, 4) for v in max_vio(counts).tolist()] if counts.numel() else []
+def rounded(values: torch.Tensor, digits: int = 4) -> list:
+    """A tensor as a (nested) list of floats rounded for metrics.jsonl."""
+    return np.round(values.double().cpu().numpy(), digits).tolist()
+
+
+def all_finite(tensors) -> bool:
+    """True if no tensor holds a NaN or an infinity (one host sync for all of them)."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 if __name__ == '__main__':
     # -------------------------------------------------------------------------
-    # settings
+    # settings: defaults < config files < --key=value; on resume, the checkpoint's settings come first
+    ckpt_path = checkpoint = None
     try:
         config = configure(DEFAULTS, sys.argv[1:])
+        ckpt_path = os.path.join(config['out_dir'], 'ckpt.pt')
+        if config['init_from'] == 'resume':
+            checkpoint = read_checkpoint(ckpt_path)
+            missing = [k for k in ('optimizer', 'iter_num', 'best_val_loss', 'torch_rng_state', 'numpy_rng_state',
+                                   'python_rng_state') if k not in checkpoint]
+            if missing:
+                raise ValueError(f"{ckpt_path} lacks {missing} and cannot be resumed (sample.py can still use it)")
+            config = resume_settings(checkpoint.get('config', {}), checkpoint['model_args'], sys.argv[1:], config['out_dir'])
+        check_settings(config)
         globals().update(config)
         model_args = {k: config[k] for k in MODEL_KEYS}
         GPTConfig(**model_args)                                    # validates the model settings early
-        if init_from not in ('scratch', 'resume'):
-            raise ValueError(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
         device, device_type, dtype, autocast = resolve_device(device, dtype)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    config_files = [a for a in sys.argv[1:] if not a.startswith('--')]
 
     # DDP: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE
     ddp = int(os.environ.get('RANK', -1)) != -1
@@ -202,30 +269,23 @@ if __name__ == '__main__':
 
     # -------------------------------------------------------------------------
     # data, model, optimizer, checkpoint
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     metrics_path = os.path.join(out_dir, 'metrics.jsonl')
     try:
         data = open_data(resolve_data_dir(data_dir, dataset), dataset, block_size)
         if init_from == 'scratch' and os.path.exists(ckpt_path):
             raise ValueError(f"{ckpt_path} already holds a checkpoint; continue it with --init_from=resume, "
                              f"or choose another --out_dir (nothing was overwritten)")
-        checkpoint = None
-        if init_from == 'resume':
-            model, checkpoint = load_checkpoint(ckpt_path, device)
-            missing = [k for k in ('optimizer', 'iter_num', 'best_val_loss', 'torch_rng_state', 'numpy_rng_state',
-                                   'python_rng_state') if k not in checkpoint]
-            if missing:
-                raise ValueError(f"{ckpt_path} lacks {missing} and cannot be resumed (sample.py can still use it)")
-            # the model keeps its checkpointed shape; the other settings may change on resume
-            model_args = checkpoint['model_args']
+        if checkpoint is not None:      # the checkpoint's weights in a model built with the settings of now
+            model = model_from_checkpoint(checkpoint, ckpt_path, **model_args)
         else:
-            model = GPT(GPTConfig(**model_args)).to(device)
+            model = GPT(GPTConfig(**model_args))
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    model.to(device, dtype=torch.float64 if dtype == 'float64' else None)
     iter_num, best_val_loss = 0, float('inf')
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint['optimizer'])
+        load_optimizer_state(optimizer, checkpoint['optimizer'])
         iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
         torch.set_rng_state(checkpoint['torch_rng_state'].cpu())
         np.random.set_state(checkpoint['numpy_rng_state'])
@@ -241,15 +301,17 @@ if __name__ == '__main__':
     if ddp:
         # the balancing biases are buffers kept equal on all ranks by the all-reduced counts: no broadcast
         model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
-    counts_shape = (len(raw_model.moe_layer_ids()), raw_model.config.n_experts if raw_model.moe_layer_ids() else 0)
+    moe_layers = len(raw_model.moe_layer_ids())
+    counts_shape = (moe_layers, raw_model.config.n_experts if moe_layers else 0)
     peak_flops = gpu_peak_flops(device) if device_type == 'cuda' else None
     params = raw_model.param_counts()
 
     @torch.no_grad()
-    def estimate_loss() -> dict[str, float]:
-        """Mean pure cross-entropy over eval_iters batches of each split. The batches come from a
-        generator seeded the same way at every eval, so successive evals (and runs) see the same text."""
-        out = {}
+    def estimate_loss() -> tuple[dict[str, float], torch.Tensor]:
+        """Mean pure cross-entropy over eval_iters batches of each split, in eval mode (dropless MoE), and the
+        expert counts (n_moe_layers, E) of the validation batches. The batches come from a generator seeded
+        the same way at every eval, so successive evals (and runs) see the same text."""
+        out, val_counts = {}, torch.zeros(counts_shape, device=device)
         eval_model.eval()
         for split in ('train', 'val'):
             rng = np.random.default_rng(1234)
@@ -259,15 +321,21 @@ if __name__ == '__main__':
                 with autocast:
                     _, _, aux = eval_model(X, Y, return_aux=True)
                 losses[k] = aux['ce_loss'].item()
+                if split == 'val':
+                    val_counts += aux['expert_counts']
             out[split] = losses.mean().item()
         eval_model.train()
-        return out
+        return out, val_counts
 
     def write_metrics(row: dict) -> None:
         with open(metrics_path, 'a') as f:
             f.write(json.dumps(row) + '\n')
         if wandb_log:
             wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row['iter'])
+
+    def stop(message: str) -> None:
+        sys.exit(f"error: {message}; stopping. The last good checkpoint (if any) is untouched in {ckpt_path}; "
+                 f"try a lower learning_rate or grad_clip")
 
     if master:
         os.makedirs(out_dir, exist_ok=True)
@@ -276,8 +344,8 @@ if __name__ == '__main__':
         if wandb_log:
             import wandb
             wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-        write_metrics({'type': 'config', 'iter': iter_num, 'config': config, 'model_args': model_args,
-                       'total_params': params['total'], 'active_params': params['active'],
+        write_metrics({'type': 'config', 'iter': iter_num, 'config': config, 'config_files': config_files,
+                       'model_args': model_args, 'total_params': params['total'], 'active_params': params['active'],
                        'tokens_per_iter': tokens_per_iter, 'world_size': world_size, 'device': device,
                        'dtype': dtype})
         print(f"{raw_model.config.ffn_type}: {params['total'] / 1e6:.2f}M parameters, {params['active'] / 1e6:.2f}M "
@@ -285,8 +353,9 @@ if __name__ == '__main__':
 
     # -------------------------------------------------------------------------
     # the training loop
-    eval_counts = torch.zeros(counts_shape, device=device)       # expert load since the last eval
-    eval_dropped, eval_steps = torch.zeros(counts_shape[0], device=device), 0
+    # since the last eval: expert load (token-slots), the sum of every step's MaxVio, dropped share
+    eval_counts = torch.zeros(counts_shape, device=device)
+    eval_maxvio, eval_dropped, eval_steps = torch.zeros(moe_layers, device=device), torch.zeros(moe_layers, device=device), 0
     t_start = time.time()
     t_last_eval, iter_last_eval = time.time(), iter_num
     resumed_at = iter_num if init_from == 'resume' else -1
@@ -300,7 +369,10 @@ if __name__ == '__main__':
         last = iter_num >= max_iters
         if (iter_num % eval_interval == 0 or last) and master and (iter_num != resumed_at or eval_only):
             elapsed = time.time() - t_last_eval
-            losses = estimate_loss()
+            losses, val_counts = estimate_loss()
+            if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
+                stop(f"non-finite loss at the evaluation of iteration {iter_num} (train {losses['train']}, "
+                     f"val {losses['val']}); nothing was saved")
             row = {'type': 'eval', 'iter': iter_num, 'tokens': iter_num * tokens_per_iter,
                    'train_loss': round(losses['train'], 5), 'val_loss': round(losses['val'], 5), 'lr': lr,
                    'elapsed_s': round(time.time() - t_start, 2),
@@ -308,18 +380,26 @@ if __name__ == '__main__':
             if peak_flops and iter_num > iter_last_eval:
                 row['mfu'] = round(raw_model.estimate_mfu(batch_size * gradient_accumulation_steps,
                                                           elapsed / (iter_num - iter_last_eval), peak_flops), 4)
-            if counts_shape[0] and eval_steps:            # load of the steps since the last eval
-                row['expert_counts'] = eval_counts.tolist()
-                row['maxvio'] = layer_stats(eval_counts)
-                row['dropped_frac'] = [round(v, 5) for v in (eval_dropped / max(eval_steps, 1)).tolist()]
+            if moe_layers:
+                # Wang et al. 2024 / DeepSeek-V3: MaxVio_global on the validation batches of this eval, per layer
+                row['maxvio_global'] = rounded(max_vio(val_counts))
+                row['val_expert_counts'] = val_counts.tolist()
+                if eval_steps:            # the training steps since the last eval
+                    row['expert_counts'] = eval_counts.tolist()
+                    row['maxvio_batch'] = rounded(eval_maxvio / eval_steps)     # mean of the per-step MaxVio
+                    row['dropped_frac'] = rounded(eval_dropped / eval_steps, 5)
             write_metrics(row)
             print(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                  + (f", maxvio {np.mean(row['maxvio']):.3f}" if 'maxvio' in row else ""))
+                  + (f", maxvio_global {np.mean(row['maxvio_global']):.3f}" if moe_layers else "")
+                  + (f", maxvio_batch {np.mean(row['maxvio_batch']):.3f}" if 'maxvio_batch' in row else ""))
             eval_counts.zero_()
+            eval_maxvio.zero_()
             eval_dropped.zero_()
             eval_steps = 0
             # the checkpoint holds the best model so far, and the last one at the end (to resume from)
             if losses['val'] < best_val_loss or always_save_checkpoint or last:
+                if not all_finite(raw_model.state_dict().values()):
+                    stop(f"non-finite weights at iteration {iter_num}; nothing was saved")
                 best_val_loss = min(best_val_loss, losses['val'])
                 if iter_num > 0:
                     save_checkpoint({
@@ -340,7 +420,7 @@ if __name__ == '__main__':
 
         # one optimizer step = gradient_accumulation_steps micro-steps
         step_counts = torch.zeros(counts_shape, device=device)
-        step_dropped = torch.zeros(counts_shape[0], device=device)
+        step_dropped = torch.zeros(moe_layers, device=device)
         rng = sampler(seed, rank, iter_num)
         for micro_step in range(gradient_accumulation_steps):
             X, Y = get_batch(data['train'], batch_size, block_size, rng, device)
@@ -354,8 +434,7 @@ if __name__ == '__main__':
             step_dropped += aux['dropped_frac'] / gradient_accumulation_steps
         lossf, objective = torch.stack([aux['ce_loss'], loss]).tolist()   # one host sync per step: stop on NaN at once
         if not (math.isfinite(lossf) and math.isfinite(objective)):
-            sys.exit(f"error: non-finite loss at iteration {iter_num} (lr {lr:.2e}); stopping. The last good "
-                     f"checkpoint (if any) is untouched in {ckpt_path}; try a lower learning_rate or grad_clip")
+            stop(f"non-finite loss at iteration {iter_num} (lr {lr:.2e})")
         if grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -363,11 +442,13 @@ if __name__ == '__main__':
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         # auxiliary-loss-free balancing: one bias update from the whole step's load, the same on every rank
-        if counts_shape[0]:
+        if moe_layers:
             if ddp:
                 dist.all_reduce(step_counts)
             raw_model.update_moe_biases(step_counts)
+            step_maxvio = max_vio(step_counts)             # MaxVio_batch of this step (all ranks), per layer
             eval_counts += step_counts
+            eval_maxvio += step_maxvio
             eval_dropped += step_dropped
             eval_steps += 1
 
@@ -383,9 +464,10 @@ if __name__ == '__main__':
             if peak_flops:
                 row['mfu'] = round(raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops), 4)
                 line += f", mfu {100 * row['mfu']:.1f}%"
-            if counts_shape[0]:
-                row['maxvio'] = round(float(np.mean(layer_stats(step_counts))), 4)
-                line += f", maxvio {row['maxvio']:.3f}"
+            if moe_layers:
+                row['maxvio_batch'] = rounded(step_maxvio)
+                row['dropped_frac'] = rounded(step_dropped, 5)
+                line += f", maxvio_batch {np.mean(row['maxvio_batch']):.3f}"
                 if raw_model.config.capacity_factor > 0:
                     line += f", dropped {100 * step_dropped.mean().item():.1f}%"
             write_metrics(row)
@@ -394,8 +476,8 @@ if __name__ == '__main__':
             t0 = time.time()
 
     # -------------------------------------------------------------------------
-    # the end: expert selection on a fixed validation batch (the comparison's histograms)
-    if master and counts_shape[0] and not eval_only:
+    # the end: expert selection on a fixed validation batch (the comparison's histograms), dropless
+    if master and moe_layers and not eval_only:
         offsets = np.linspace(0, len(data['val']) - block_size - 1, batch_size).astype(np.int64)  # fixed windows
         X, Y = windows(data['val'], offsets, block_size, device)
         eval_model.eval()
@@ -404,7 +486,7 @@ if __name__ == '__main__':
         write_metrics({'type': 'expert_selection', 'iter': iter_num, 'layers': raw_model.moe_layer_ids(),
                        'tokens': X.numel(), 'counts': aux['expert_counts'].tolist()})
     if ddp:
-        if counts_shape[0]:   # the all-reduced counts must have kept every rank's biases identical
+        if moe_layers:   # the all-reduced counts must have kept every rank's biases identical
             bias = torch.stack([m.expert_bias for m in raw_model.moe_layers()])
             gathered = [torch.zeros_like(bias) for _ in range(world_size)]
             dist.all_gather(gathered, bias)

@@ -15,8 +15,9 @@ import torch
 
 from conftest import REPO, SHARED, random_token_data, subprocess_env as env
 from configurator import configure
-from model import load_checkpoint
-from train import DEFAULTS, get_lr, sampler, windows
+from model import GPTConfig, load_checkpoint
+from moe import max_vio
+from train import DEFAULTS, all_finite, check_settings, get_lr, resume_settings, sampler, windows
 
 TINY = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_embd=32', '--n_head=2', '--block_size=32',
         '--batch_size=8', '--vocab_size=128', '--eval_iters=4', '--log_interval=5', '--warmup_iters=5',
@@ -66,6 +67,69 @@ def test_get_lr_by_hand():
     assert get_lr(500, **args) == pytest.approx(0.1)          # floor after the decay
 
 
+def test_get_lr_never_divides_by_zero():
+    # warmup == decay (the default warmup 200 with --lr_decay_iters=200) and warmup > decay
+    for warmup, decay in ((200, 200), (300, 200), (0, 0)):
+        lrs = [get_lr(it, 1.0, warmup, decay, 0.1) for it in range(0, 400)]
+        assert all(0.0 < lr <= 1.0 for lr in lrs)
+        assert lrs[-1] == 0.1
+
+
+@pytest.mark.parametrize('change, message', [
+    (dict(warmup_iters=200, lr_decay_iters=200), 'warmup_iters=200 must be smaller than lr_decay_iters=200'),
+    (dict(batch_size=0), 'batch_size=0 must be >= 1'),
+    (dict(gradient_accumulation_steps=-1), 'gradient_accumulation_steps=-1 must be >= 1'),
+    (dict(eval_iters=0), 'eval_iters=0 must be >= 1'),
+    (dict(eval_interval=0), 'eval_interval=0 must be >= 1'),
+    (dict(max_iters=-5), 'max_iters=-5 must be >= 0'),
+    (dict(learning_rate=0.0), 'learning_rate=0.0 must be > 0'),
+    (dict(beta2=1.0), 'beta2=1.0 must be in'),
+    (dict(init_from='resum'), "init_from must be 'scratch' or 'resume'"),
+])
+def test_check_settings_names_the_problem(change, message):
+    check_settings(DEFAULTS)                                      # the defaults are fine
+    check_settings({**DEFAULTS, 'decay_lr': False, 'warmup_iters': 900})   # no decay: any warmup
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_settings({**DEFAULTS, **change})
+
+
+@pytest.mark.parametrize('bad, message', [
+    (dict(n_embd=0, n_head=1), 'n_embd=0 must be >= 1'), (dict(n_layer=0), 'n_layer=0 must be >= 1'),
+    (dict(block_size=0), 'block_size=0 must be >= 1'), (dict(dropout=1.0), 'dropout=1.0 must be in'),
+])
+def test_model_sizes_are_checked(bad, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GPTConfig(**bad)
+
+
+def test_resume_settings_start_from_the_checkpoint():
+    saved = configure(DEFAULTS, ['config/tinystories_cpu.py', 'config/deepseek_moe.py'])
+    model_args = {k: saved[k] for k in ('n_embd', 'expert_hidden', 'n_experts', 'ffn_type', 'n_layer')}
+    # nothing given: the run as it was, in the directory the checkpoint was found in
+    s = resume_settings(saved, model_args, ['--init_from=resume'], 'runs/x')
+    assert {k: v for k, v in s.items() if k not in ('init_from', 'out_dir')} == \
+        {k: v for k, v in saved.items() if k not in ('init_from', 'out_dir')}
+    assert s['out_dir'] == 'runs/x' and s['expert_hidden'] == 64 and s['max_iters'] == 700
+    # what is given now wins, config files included (which derive widths from the checkpoint's n_embd)
+    s = resume_settings(saved, model_args, ['config/deepseek_moe.py', '--bias_update_speed=0.0', '--weight_decay=0',
+                                            '--max_iters=900'], 'runs/x')
+    assert (s['bias_update_speed'], s['weight_decay'], s['max_iters'], s['expert_hidden']) == (0.0, 0.0, 900, 64)
+    # a setting that changes the weights' shapes stops, naming both values
+    with pytest.raises(ValueError, match=r"n_embd=256 differs from the checkpoint's n_embd=128"):
+        resume_settings(saved, model_args, ['--n_embd=256'], 'runs/x')
+    with pytest.raises(ValueError, match=r"ffn_type='moe' differs from the checkpoint's ffn_type='deepseek_moe'"):
+        resume_settings(saved, model_args, ['config/moe.py'], 'runs/x')
+    # a checkpoint of an older version: unknown settings are dropped, missing ones take the defaults
+    s = resume_settings({**saved, 'no_longer_a_setting': 1}, model_args, [], 'runs/x')
+    assert 'no_longer_a_setting' not in s
+
+
+def test_all_finite():
+    assert all_finite([torch.ones(3), torch.zeros(2, 2)])
+    assert not all_finite([torch.ones(3), torch.tensor([1.0, float('nan')])])
+    assert not all_finite([torch.tensor([float('inf')])])
+
+
 def test_sampler_is_a_function_of_seed_rank_and_iteration():
     data = np.arange(1000, dtype=np.uint16)
     a = windows(data, sampler(1, 0, 7).integers(0, 900, size=4), 16)
@@ -84,12 +148,36 @@ def test_configurator(tmp_path):
     overlay = tmp_path / 'size.py'
     overlay.write_text('n_embd = 64\n')
     assert configure(DEFAULTS, [str(overlay), 'config/deepseek_moe.py'])['expert_hidden'] == 32
+    with pytest.raises(ValueError, match="'compile' expects bool"):
+        configure(DEFAULTS, ['--compile=1'])
+
+
+@pytest.mark.parametrize('argv, key, value', [
+    (['config/deepseek_moe.py', '--n_embd=256'], 'expert_hidden', 128),      # 256 // 2, not 384 // 2
+    (['--n_embd=256', 'config/deepseek_moe.py'], 'expert_hidden', 128),      # wherever the flag stands
+    (['config/moe.py', '--n_embd=256'], 'expert_hidden', 512),
+    (['config/dense.py', '--n_embd=256'], 'ffn_hidden', 1024),
+    (['config/tinystories_cpu.py', 'config/deepseek_moe.py', '--n_embd=256'], 'expert_hidden', 128),
+    (['config/tinystories_cpu.py', 'config/deepseek_moe.py', '--n_embd=256'], 'n_embd', 256),
+    (['config/dense.py', '--n_embd=64', '--n_embd=32'], 'ffn_hidden', 128),  # the last flag counts
+])
+def test_command_line_reaches_the_config_files(argv, key, value):
+    assert configure(DEFAULTS, argv)[key] == value
+
+
+def test_command_line_value_holds_inside_a_file_that_assigns_it(tmp_path):
+    size = tmp_path / 'size.py'
+    size.write_text('n_embd = 512\nffn_hidden = 4 * n_embd\nexpert_hidden = max(n_embd // 2 for _ in range(1))\n')
+    s = configure(DEFAULTS, [str(size), '--n_embd=64'])
+    assert (s['n_embd'], s['ffn_hidden'], s['expert_hidden']) == (64, 256, 32)
+    assert configure(DEFAULTS, [str(size)])['ffn_hidden'] == 2048
+
+
+def test_configurator_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown setting 'top_kk'; did you mean 'top_k'"):
         configure(DEFAULTS, ['--top_kk=2'])
     with pytest.raises(ValueError, match="'top_k' expects int"):
         configure(DEFAULTS, ['--top_k=two'])
-    with pytest.raises(ValueError, match="'compile' expects bool"):
-        configure(DEFAULTS, ['--compile=1'])
     with pytest.raises(ValueError, match='not found'):
         configure(DEFAULTS, ['config/nope.py'])
     bad = tmp_path / 'bad.py'
@@ -126,12 +214,13 @@ def test_short_run_of_each_config_lowers_val_loss(config, data_dir, tmp_path):
         assert len(ev[-1]['expert_counts']) == 2 and len(ev[-1]['expert_counts'][0]) == n_exp
         # the counts of the 30 steps since the last eval: every token-slot of every step
         assert sum(ev[-1]['expert_counts'][0]) == 30 * 8 * 32 * k
-        assert len(ev[-1]['maxvio']) == 2 and len(ev[-1]['dropped_frac']) == 2
+        assert len(ev[-1]['maxvio_batch']) == 2 and len(ev[-1]['dropped_frac']) == 2
+        assert len(ev[-1]['maxvio_global']) == 2 and 'maxvio' not in ev[-1]
         assert (max(ev[-1]['dropped_frac']) > 0) == (config == 'moe')     # only moe has a capacity
         sel = rows[-1]
         assert sel['type'] == 'expert_selection' and sel['layers'] == [0, 1]
         assert [sum(c) for c in sel['counts']] == [8 * 32 * k] * 2
-        assert 'maxvio' in p.stdout
+        assert 'maxvio_batch' in p.stdout and 'maxvio_global' in p.stdout
     model, ckpt = load_checkpoint(str(out / 'ckpt.pt'))
     assert ckpt['iter_num'] == 60 and ckpt['config']['ffn_type'] == config
 
@@ -164,7 +253,8 @@ def test_resume_is_exact(config, data_dir, tmp_path):
               '--lr_decay_iters=30', '--dropout=0.1']
     run([*common, f'--out_dir={tmp_path / "a"}', '--max_iters=30'])
     run([*common, f'--out_dir={tmp_path / "b"}', '--max_iters=20', '--always_save_checkpoint=True'])
-    run([*common, f'--out_dir={tmp_path / "b"}', '--max_iters=30', '--init_from=resume'])
+    # resumed as a user would, without repeating the config: every setting comes from the checkpoint
+    run(['train.py', f'--out_dir={tmp_path / "b"}', '--max_iters=30', '--init_from=resume'])
     a, b = evals(tmp_path / 'a'), evals(tmp_path / 'b')
     assert [r['iter'] for r in b] == [0, 10, 20, 30]            # no duplicate eval at the resume point
     for ra, rb in zip(a, b):
@@ -176,6 +266,80 @@ def test_resume_is_exact(config, data_dir, tmp_path):
         torch.testing.assert_close(la.expert_bias, lb.expert_bias, atol=1e-6, rtol=0)
     if config == 'deepseek_moe':
         assert ma.moe_layers()[0].expert_bias.abs().sum() > 0
+
+
+def test_resume_honours_the_settings_given_now(data_dir, tmp_path):
+    out = tmp_path / 'out'
+    common = ['train.py', 'config/deepseek_moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}',
+              '--eval_interval=10', '--lr_decay_iters=40']
+    run([*common, '--max_iters=10'])
+    bias_before = [m.expert_bias.clone() for m in load_checkpoint(str(out / 'ckpt.pt'))[0].moe_layers()]
+    assert all(b.abs().sum() > 0 for b in bias_before)              # gamma = 0.001 moved them
+    run([*common, '--max_iters=20', '--init_from=resume', '--bias_update_speed=0.0', '--weight_decay=0.0',
+         '--capacity_factor=1.5'])
+    model, ckpt = load_checkpoint(str(out / 'ckpt.pt'))
+    assert ckpt['iter_num'] == 20
+    for before, layer in zip(bias_before, model.moe_layers()):
+        assert torch.equal(layer.expert_bias, before)                # gamma = 0: not moved since the resume
+    assert [g['weight_decay'] for g in ckpt['optimizer']['param_groups']] == [0.0, 0.0]
+    assert ckpt['config']['weight_decay'] == 0.0 and ckpt['model_args']['capacity_factor'] == 1.5
+    resumed = [r for r in metrics(out) if r['type'] == 'config'][-1]
+    assert resumed['iter'] == 10 and resumed['config']['bias_update_speed'] == 0.0
+    assert resumed['model_args']['bias_update_speed'] == 0.0 and resumed['model_args']['capacity_factor'] == 1.5
+    # changing the model's shape on resume: one line naming the setting and both values; checkpoint kept
+    before = (out / 'ckpt.pt').read_bytes()
+    p = run(['train.py', f'--out_dir={out}', '--init_from=resume', '--max_iters=30', '--n_embd=64'], check=False)
+    assert p.returncode != 0 and 'Traceback' not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert "n_embd=64 differs from the checkpoint's n_embd=32" in p.stderr
+    assert (out / 'ckpt.pt').read_bytes() == before
+
+
+def test_maxvio_batch_and_global_as_the_papers_define_them(data_dir, tmp_path):
+    out = tmp_path / 'out'
+    run(['train.py', 'config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=10',
+         '--eval_interval=5', '--lr_decay_iters=10', '--log_interval=1'])
+    rows = metrics(out)
+    train = {r['iter']: r for r in rows if r['type'] == 'train'}
+    ev = evals(out)
+    assert 'maxvio_batch' not in ev[0] and len(ev[0]['maxvio_global']) == 2      # iter 0: no step yet
+    for e, steps in ((ev[1], range(1, 6)), (ev[2], range(6, 11))):
+        for layer in range(2):
+            # eval rows: the mean over the steps since the last eval of each step's own MaxVio
+            per_step = [train[i]['maxvio_batch'][layer] for i in steps]
+            assert e['maxvio_batch'][layer] == pytest.approx(np.mean(per_step), abs=2e-4)
+            # not the MaxVio of the counts summed over those steps, which is never larger (a max of a sum is
+            # at most the sum of the maxima) and equal only if one expert is the busiest at every step
+            summed = max_vio(torch.tensor(e['expert_counts'][layer])).item()
+            assert summed <= e['maxvio_batch'][layer] + 1e-4
+            # MaxVio_global: on the validation batches of this eval, every token-slot counted
+            counts = torch.tensor(e['val_expert_counts'][layer])
+            assert counts.sum().item() == 4 * 8 * 32 * 2
+            assert e['maxvio_global'][layer] == pytest.approx(max_vio(counts).item(), abs=1e-4)
+
+
+def test_diverged_eval_never_replaces_a_good_checkpoint(data_dir, tmp_path):
+    """The step before the eval has a finite loss, and its update (lr 1e30) blows the weights up: the eval
+    then sees NaN. Saving that (always_save_checkpoint) would replace the good checkpoint."""
+    out = tmp_path / 'out'
+    common = ['train.py', 'config/dense.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}',
+              '--eval_interval=1', '--always_save_checkpoint=True', '--grad_clip=0']
+    run([*common, '--max_iters=10', '--eval_interval=10'])
+    before = (out / 'ckpt.pt').read_bytes()
+    p = run([*common, '--max_iters=11', '--init_from=resume', '--learning_rate=1e30', '--warmup_iters=0'], check=False)
+    assert p.returncode != 0 and 'Traceback' not in p.stderr, p.stderr
+    assert 'non-finite loss at the evaluation of iteration 11' in p.stderr and 'nothing was saved' in p.stderr
+    assert (out / 'ckpt.pt').read_bytes() == before
+    model, ckpt = load_checkpoint(str(out / 'ckpt.pt'))
+    assert ckpt['iter_num'] == 10 and all_finite(model.state_dict().values())
+
+
+def test_float64_run_uses_the_expert_loop(data_dir, tmp_path):
+    out = tmp_path / 'out'
+    run(['train.py', 'config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=4',
+         '--eval_interval=4', '--lr_decay_iters=8', '--dtype=float64'])
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
+    assert ckpt['model']['lm_head.weight'].dtype == torch.float64
+    assert np.isfinite(evals(out)[-1]['val_loss'])
 
 
 def test_sigkill_during_training_leaves_a_loadable_checkpoint(data_dir, tmp_path):
@@ -199,6 +363,11 @@ def test_sigkill_during_training_leaves_a_loadable_checkpoint(data_dir, tmp_path
 
 
 def test_user_errors_are_one_clean_line(data_dir, tmp_path):
+    for bad, message in (('--batch_size=0', 'batch_size=0 must be >= 1'),
+                         ('--max_iters=200', 'warmup_iters=200 must be smaller than lr_decay_iters=200')):
+        p = run(['train.py', 'config/moe.py', '--lr_decay_iters=200', bad], check=False)
+        assert p.returncode != 0 and p.stderr.startswith('error: ') and message in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1
     p = run(['train.py', 'config/moe.py', *TINY, f'--data_dir={tmp_path / "missing"}'], check=False)
     assert p.returncode != 0 and 'Traceback' not in p.stderr
     assert p.stderr.strip().startswith('error:') and 'train.bin not found; run python data/tinystories/prepare.py' in p.stderr
@@ -268,5 +437,8 @@ def test_sample_prints_prompt_and_continuation(tmp_path, gpt2):
     p = run(['sample.py', f'--out_dir={tmp_path / "out"}', f'--start=FILE:{prompt}', '--num_samples=1',
              '--max_new_tokens=5', '--device=cpu'])
     assert p.stdout.startswith('Lily had a red ball.')
+    p = run(['sample.py', f'--out_dir={tmp_path / "out"}', '--start=', '--num_samples=1', '--max_new_tokens=5',
+             '--device=cpu'])                              # empty prompt: starts from <|endoftext|>
+    assert p.returncode == 0 and len(p.stdout.split('---------------\n')) == 2
     p = run(['sample.py', f'--out_dir={tmp_path / "nowhere"}'], check=False)
     assert p.returncode != 0 and 'not found' in p.stderr and 'Traceback' not in p.stderr
