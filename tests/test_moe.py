@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from configurator import configure
 from model import GPT, GPTConfig, MLP
-from moe import (MoE, coefficient_of_variation, expert_capacity, expert_load, importance,
-                 grouped_mm_runs, importance_loss, load_balance_loss, max_vio, router_z_loss, sequence_balance_loss)
+from moe import (MoE, coefficient_of_variation, expert_capacity, expert_load, grouped_mm_runs, importance,
+                 importance_loss, load_balance_loss, max_vio, router_z_loss, sequence_balance_loss)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -336,20 +337,41 @@ def test_shared_experts_see_every_token():
 # The config files: standard MoE and DeepSeekMoE have the same size
 
 
-def build_from_config(name: str) -> GPT:
-    settings = {'n_embd': GPTConfig.n_embd}              # the files compute widths from n_embd
-    with open(os.path.join(REPO, 'config', name)) as f:
-        exec(f.read(), settings)
-    fields = {k: v for k, v in settings.items() if k in GPTConfig.__dataclass_fields__}
-    return GPT(GPTConfig(**fields))
+def build_from_config(*names: str) -> GPT:
+    """The model that python train.py config/<name> ... builds (the configurator runs the files)."""
+    from train import DEFAULTS, MODEL_KEYS
+    settings = configure(DEFAULTS, [os.path.join(REPO, 'config', name) for name in names])
+    return GPT(GPTConfig(**{k: settings[k] for k in MODEL_KEYS}))
 
 
-def test_moe_and_deepseek_configs_match_in_total_and_active_params():
-    dense = build_from_config('dense.py').param_counts()
-    moe = build_from_config('moe.py').param_counts()
-    ds = build_from_config('deepseek_moe.py').param_counts()
-    assert abs(moe['total'] - ds['total']) / moe['total'] < 0.02
-    assert abs(moe['active'] - ds['active']) / moe['active'] < 0.02
-    assert abs(dense['active'] - moe['active']) / dense['active'] < 0.02   # dense = same active width
-    # per MoE layer a token skips 8 - 2 = 6 experts of 3 * n_embd * expert_hidden weights, in 6 layers
-    assert moe['total'] - moe['active'] == 6 * (3 * 384 * 768) * 6
+@pytest.mark.parametrize('size', [(), ('tinystories_cpu.py',)], ids=['default size', 'cpu size'])
+def test_every_config_has_the_size_of_config_moe(size):
+    """Equal total and active parameters across the comparison and the ladder (within 2%); dense has the
+    active size, dense_total the total size. At both the default and the CPU size (the overlay comes first)."""
+    counts = {name: build_from_config(*size, f'{name}.py').param_counts()
+              for name in ('moe', 'deepseek_moe', 'moe_finegrained', 'moe_shared', 'dense', 'dense_total')}
+    ref = counts['moe']
+    for name, c in counts.items():
+        if name != 'dense':
+            assert abs(c['total'] - ref['total']) / ref['total'] < 0.02, (name, c, ref)
+        if name != 'dense_total':
+            assert abs(c['active'] - ref['active']) / ref['active'] < 0.02, (name, c, ref)
+    assert counts['dense_total']['active'] == counts['dense_total']['total']
+    if not size:   # by hand: per MoE layer a token skips 8 - 2 = 6 experts of 3 * 384 * 768 weights, in 6 layers
+        assert ref['total'] - ref['active'] == 6 * (3 * 384 * 768) * 6
+    # the FFN compute per token of dense_total is 4x the others': 16 n_embd hidden units against 4 n_embd
+    n_embd = build_from_config(*size, 'dense_total.py').config.n_embd
+    assert build_from_config(*size, 'dense_total.py').config.ffn_hidden == 4 * build_from_config(*size, 'dense.py').config.ffn_hidden == 16 * n_embd
+
+
+def test_ladder_configs_change_one_idea_at_a_time():
+    moe, fine, shared, ds = (build_from_config(f'{n}.py').config for n in ('moe', 'moe_finegrained', 'moe_shared', 'deepseek_moe'))
+    # rung 1: 4x finer experts, 4x larger top-k; the standard MoE's gating, Switch loss and capacity
+    assert (fine.n_experts, fine.top_k, fine.expert_hidden * 4) == (32, 8, moe.expert_hidden)
+    assert (fine.ffn_type, fine.balance_loss_coef, fine.capacity_factor) == ('moe', moe.balance_loss_coef, moe.capacity_factor)
+    # rung 2: 2 of them shared, the rest routed
+    assert (shared.n_shared_experts, shared.n_experts, shared.top_k, shared.expert_hidden) == (2, 30, 6, fine.expert_hidden)
+    assert (shared.ffn_type, shared.balance_loss_coef, shared.capacity_factor) == ('moe', moe.balance_loss_coef, moe.capacity_factor)
+    # rung 3: the same experts, balanced without an auxiliary loss
+    assert (ds.n_shared_experts, ds.n_experts, ds.top_k, ds.expert_hidden) == (2, 30, 6, fine.expert_hidden)
+    assert ds.balance_loss_coef == 0 and ds.bias_update_speed > 0
