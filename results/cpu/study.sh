@@ -48,6 +48,7 @@ for run in $RUNS; do
     init=scratch
     if [ -f "$out/ckpt.pt" ]; then init=resume; fi
     echo "== $out ($init), $(date -u +%FT%TZ)"
+    mkdir -p out-study
     start=$(date +%s)
     taskset -c "$CPUS" $PYTHON train.py config/tinystories_cpu.py "config/$config.py" --seed="$seed" \
       --out_dir="$out" --init_from=$init > "$out.log" 2>&1 || { tail -5 "$out.log"; exit 1; }
