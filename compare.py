@@ -1,19 +1,30 @@
 """
-Compare training runs: validation loss, expert load, and which experts tokens are routed to.
+Compare training runs: validation loss, expert load, and which experts tokens are routed to. Runs that
+differ only in their seed (and in settings that do not change the experiment, IGNORED_SETTINGS)
+form a group, summarised over its seeds.
 
     python compare.py                                  # every out*/ run dir here -> compare_out/
-    python compare.py out-dense out-moe out-deepseek_moe --out results
+    python compare.py out-dense-s1 out-dense-s2 out-deepseek_moe-s1 out-deepseek_moe-s2 --out results
     python compare.py --routing out-deepseek_moe --text "Once upon a time, Lily found a red ball."
 
-Writes val_loss.png, expert_selection.png, maxvio.png and summary.md (also printed). Every number comes
-from the runs' metrics.jsonl (written by train.py); losses are pure cross-entropy. --routing loads a
-checkpoint and writes routing.png (token x expert gate values in one layer) and top_tokens.md (the
-most frequent tokens each expert receives on validation data).
+Writes to --out:
+  val_loss.png          each group's mean validation loss, min-max band over its seeds, single runs faint
+  maxvio.png            the same for the two load-imbalance measures of Wang et al. 2024 / DeepSeek-V3:
+                        maxvio_batch (per training step) and maxvio_global (over the validation batches)
+  expert_selection.png  per MoE group and layer, the mean share of token-slots per expert, min-max over seeds
+  summary.md            the group table and the differences of final val loss between every two groups
+                        (also printed), with a 95% interval over seeds
+  summary.json          the same numbers for scripts: {"groups": [...], "pairs": [...]}
+Every number comes from the runs' metrics.jsonl (written by train.py); losses are pure cross-entropy.
+--routing loads a checkpoint and writes routing.png (token x expert gate values in one layer) and
+top_tokens.md (the most frequent tokens each expert receives on validation data).
 """
 
 import argparse
 import glob
+import itertools
 import json
+import math
 import os
 import statistics
 import sys
@@ -24,8 +35,6 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-from moe import max_vio  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -49,8 +58,28 @@ def read_metrics(path: str) -> list[dict]:
     return rows
 
 
+def describe_model(model_args: dict) -> str:
+    """The FFN in a few words, e.g. 'dense 512' or 'deepseek_moe, 2 shared + 30 routed, top-6'."""
+    ffn = model_args['ffn_type']
+    if ffn == 'dense':
+        return f"dense {model_args['ffn_hidden']}"
+    shared = f"{model_args['n_shared_experts']} shared + " if model_args['n_shared_experts'] else ''
+    return f"{ffn}, {shared}{model_args['n_experts']} routed, top-{model_args['top_k']}"
+
+
+def run_label(config_row: dict) -> str:
+    """What a run is called in the figures and tables: the stem of its last config file
+    (config/tinystories_cpu.py config/deepseek_moe.py -> 'deepseek_moe'); runs without config files
+    (older runs, or settings given only as --key=value) are described by their model."""
+    files = config_row.get('config_files')
+    if files:
+        return os.path.splitext(os.path.basename(files[-1]))[0]
+    return describe_model(config_row['model_args'])
+
+
 def load_run(run_dir: str) -> dict | None:
-    """A run's rows grouped by type, its latest config row and a label; None (with a warning) if unusable."""
+    """A run's rows grouped by type, its latest config row (a resumed run appends one), its seed and
+    label; None (with a warning) if unusable. 'dir' is run_dir as given."""
     path = os.path.join(run_dir, 'metrics.jsonl')
     rows = read_metrics(path)
     configs = [r for r in rows if r.get('type') == 'config']
@@ -60,20 +89,63 @@ def load_run(run_dir: str) -> dict | None:
         return None
     cfg = configs[-1]
     # a resumed run repeats no iteration, but keep the last row of any iteration seen twice
-    evals = list({r['iter']: r for r in evals}.values())
-    args = cfg['model_args']
-    ffn = args['ffn_type']
-    if ffn == 'dense':
-        desc = f"dense {args['ffn_hidden']}"
-    else:
-        shared = f"{args['n_shared_experts']} shared + " if args['n_shared_experts'] else ''
-        desc = f"{ffn}, {shared}{args['n_experts']} routed, top-{args['top_k']}"
+    evals = sorted({r['iter']: r for r in evals}.values(), key=lambda r: r['iter'])
     return {
-        'dir': run_dir, 'name': os.path.basename(os.path.normpath(run_dir)), 'label': f"{os.path.basename(os.path.normpath(run_dir))} ({desc})",
-        'config': cfg, 'ffn_type': ffn, 'evals': evals,
-        'train': [r for r in rows if r.get('type') == 'train'],
+        'dir': run_dir, 'name': os.path.basename(os.path.normpath(run_dir)), 'label': run_label(cfg),
+        'seed': cfg.get('config', {}).get('seed'), 'config': cfg, 'ffn_type': cfg['model_args']['ffn_type'],
+        'evals': evals, 'train': [r for r in rows if r.get('type') == 'train'],
         'selection': next((r for r in reversed(rows) if r.get('type') == 'expert_selection'), None),
     }
+
+
+# -----------------------------------------------------------------------------
+# grouping: runs of the same experiment with different seeds
+
+# Settings that do not change the experiment, left out when deciding whether two runs are seeds of one
+# group: the seed itself, where and how a run is saved, logged or resumed, and how the same model is
+# computed (torch.compile, the MoE dispatch path, the device). Every other setting must be equal.
+IGNORED_SETTINGS = ('seed', 'out_dir', 'init_from', 'eval_only', 'always_save_checkpoint', 'log_interval',
+                    'wandb_log', 'wandb_project', 'wandb_run_name', 'compile', 'moe_dispatch', 'device')
+
+
+def differing_settings(configs: list[dict]) -> list[str]:
+    """The settings (sorted) whose values are not equal in all configs, IGNORED_SETTINGS left out. The
+    keys of all configs are compared; a config missing a key counts as None there."""
+    keys = sorted(set().union(*configs) - set(IGNORED_SETTINGS))
+    return [k for k in keys if any(c.get(k) != configs[0].get(k) for c in configs[1:])]
+
+
+def count_label(seeds: list) -> str:
+    """'1 run', '3 seeds' (distinct seeds), or '3 runs' (seeds repeated or unknown)."""
+    if len(seeds) == 1:
+        return '1 run'
+    distinct = None not in seeds and len(set(seeds)) == len(seeds)
+    return f"{len(seeds)} {'seeds' if distinct else 'runs'}"
+
+
+def group_runs(runs: list[dict]) -> list[dict]:
+    """Runs with equal settings (but for IGNORED_SETTINGS) as groups {'name', 'label', 'settings', 'runs'},
+    in the order of each group's first run. name is the runs' label; groups that would share one get the
+    settings that tell them apart appended ('moe [learning_rate=0.002]'). label adds the count of runs
+    ('deepseek_moe (3 seeds)')."""
+    groups = []
+    for run in runs:
+        settings = run['config'].get('config', {})
+        group = next((g for g in groups if not differing_settings([g['settings'], settings])), None)
+        if group is None:
+            groups.append({'name': run['label'], 'settings': settings, 'runs': [run]})
+        else:
+            group['runs'].append(run)
+    names = []
+    for g in groups:
+        namesakes = [h['settings'] for h in groups if h['name'] == g['name']]
+        keys = differing_settings(namesakes) if len(namesakes) > 1 else []
+        values = ', '.join(f"{k}={g['settings'].get(k)}" for k in keys)
+        names.append(f"{g['name']} [{values}]" if keys else g['name'])
+    for g, name in zip(groups, names):
+        g['name'] = name
+        g['label'] = f"{name} ({count_label([r['seed'] for r in g['runs']])})"
+    return groups
 
 
 # -----------------------------------------------------------------------------
@@ -85,56 +157,259 @@ def load_shares(counts: list[list[float]]) -> list[list[float]]:
     return [[c / sum(layer) if sum(layer) else 0.0 for c in layer] for layer in counts]
 
 
-def mean_maxvio(counts: list[list[float]]) -> float:
-    """MaxVio (max load / mean load - 1) of each layer, averaged over layers."""
-    return float(max_vio(torch.tensor(counts, dtype=torch.float64)).mean())
+def share_spread(counts_per_run: list[list[list[float]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, min and max over runs of each expert's share (load_shares), each (n_layers, n_experts)."""
+    shares = np.array([load_shares(c) for c in counts_per_run])      # (n_runs, n_layers, n_experts)
+    return shares.mean(0), shares.min(0), shares.max(0)
 
 
-def summary_row(run: dict) -> dict:
-    """The numbers of one run for the summary table (None where a run has no such number)."""
-    evals, cfg = run['evals'], run['config']
-    moe_evals = [r for r in evals if r.get('expert_counts')]
-    speeds = [r['tokens_per_s'] for r in run['train'] if r.get('tokens_per_s')]
-    last_moe = moe_evals[-1] if moe_evals else None
+def layer_mean(values: list[float] | None) -> float | None:
+    """A per-MoE-layer metric (maxvio_batch, maxvio_global, dropped_frac) averaged over layers; None if absent."""
+    return float(np.mean(values)) if values else None
+
+
+def last_logged(evals: list[dict], key: str):
+    """The value of key in the last eval row that holds it, or None."""
+    return next((r[key] for r in reversed(evals) if r.get(key) is not None), None)
+
+
+def present(values: list) -> list:
+    """The values that are not None."""
+    return [v for v in values if v is not None]
+
+
+def run_numbers(run: dict) -> dict:
+    """The numbers of one run: best and final val loss, the iteration of the final eval, the median
+    tokens/s of its train rows (the last eval's if it has none), and the final maxvio_batch, maxvio_global
+    and dropped share, each averaged over MoE layers (None for a dense run). Final = the last eval row that
+    has the value (an eval with no training steps before it, as in eval_only, logs no maxvio_batch)."""
+    evals = run['evals']
+    speeds = present([r.get('tokens_per_s') for r in run['train']])
     return {
-        'run': run['name'], 'ffn_type': run['ffn_type'],
-        'total_params': cfg['total_params'], 'active_params': cfg['active_params'],
         'best_val_loss': min(r['val_loss'] for r in evals), 'final_val_loss': evals[-1]['val_loss'],
         'final_iter': evals[-1]['iter'],
         'tokens_per_s': statistics.median(speeds) if speeds else evals[-1].get('tokens_per_s'),
-        'final_maxvio': mean_maxvio(last_moe['expert_counts']) if last_moe else None,
-        'dropped_share': float(np.mean(last_moe['dropped_frac'])) if last_moe and last_moe.get('dropped_frac') else None,
+        'maxvio_batch': layer_mean(last_logged(evals, 'maxvio_batch')),
+        'maxvio_global': layer_mean(last_logged(evals, 'maxvio_global')),
+        'dropped_share': layer_mean(last_logged(evals, 'dropped_frac')),
     }
 
 
-def markdown_table(rows: list[dict]) -> str:
-    def fmt(v, spec):
-        return '-' if v is None else format(v, spec)
-    lines = ['| run | FFN | total params | active params | best val loss | final val loss (iter) | tokens/s | final MaxVio | dropped |',
-             '|---|---|---:|---:|---:|---:|---:|---:|---:|']
-    for r in rows:
-        dropped = '-' if r['dropped_share'] is None else f"{100 * r['dropped_share']:.2f}%"
-        lines.append(f"| {r['run']} | {r['ffn_type']} | {r['total_params'] / 1e6:.2f}M | {r['active_params'] / 1e6:.2f}M | "
-                     f"{r['best_val_loss']:.4f} | {r['final_val_loss']:.4f} ({r['final_iter']}) | {fmt(r['tokens_per_s'], ',.0f')} | "
-                     f"{fmt(r['final_maxvio'], '.3f')} | {dropped} |")
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1) of values; the std is None for a single value."""
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def mean_or_none(values: list) -> float | None:
+    """The mean of the values that are not None; None if there are none."""
+    return statistics.mean(present(values)) if present(values) else None
+
+
+# t_{0.975, df} for df = 1..30: the two-sided 95% quantile of Student's t distribution
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_975(df: int) -> float:
+    """Student's t quantile t_{0.975, df}: the table T_975 up to df = 30, beyond it the Cornish-Fisher
+    expansion around the normal quantile z = 1.96, z + (z^3 + z)/(4 df) + (5z^5 + 16z^3 + 3z)/(96 df^2),
+    within 1e-4 of the exact value for df > 30 (1.96 + 2.4/df is 0.002 off at df = 31)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def paired_difference(diffs: list[float]) -> tuple[float, float]:
+    """Mean of the per-seed differences d_s (n >= 2) and the half-width t_{0.975, n-1} * sd(d) / sqrt(n)
+    of its 95% interval."""
+    mean, sd = mean_std(diffs)
+    return mean, t_975(len(diffs) - 1) * sd / math.sqrt(len(diffs))
+
+
+def welch_difference(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """mean(a) - mean(b) of two unpaired samples (>= 2 values each), the half-width of its 95% Welch
+    interval and the Welch-Satterthwaite degrees of freedom
+        df = (v_a + v_b)^2 / (v_a^2 / (n_a - 1) + v_b^2 / (n_b - 1)),  v = s^2 / n;
+    the t quantile is taken at floor(df), which widens the interval a little (conservative)."""
+    (mean_a, sd_a), (mean_b, sd_b) = mean_std(a), mean_std(b)
+    v_a, v_b = sd_a ** 2 / len(a), sd_b ** 2 / len(b)
+    if v_a + v_b == 0:                     # no spread at all: the interval is a point
+        return mean_a - mean_b, 0.0, float(len(a) + len(b) - 2)
+    df = (v_a + v_b) ** 2 / (v_a ** 2 / (len(a) - 1) + v_b ** 2 / (len(b) - 1))
+    return mean_a - mean_b, t_975(math.floor(df)) * math.sqrt(v_a + v_b), df
+
+
+def seed_means(runs: list[tuple[int | None, float]]) -> dict[int, float]:
+    """(seed, value) of each run -> the mean value per seed (runs of unknown seed left out)."""
+    by_seed = {}
+    for seed, value in runs:
+        if seed is not None:
+            by_seed.setdefault(seed, []).append(value)
+    return {seed: statistics.mean(values) for seed, values in by_seed.items()}
+
+
+def sign_agreement(diffs: list[float], mean: float) -> int:
+    """How many differences have the sign of their mean (are 0 too, if the mean is 0)."""
+    return sum(1 for d in diffs if np.sign(d) == np.sign(mean))
+
+
+def pair_stats(a: list[tuple[int | None, float]], b: list[tuple[int | None, float]]) -> dict:
+    """The difference a - b of final val loss between two groups, from each group's (seed, final val loss)
+    per run. Paired on the shared seeds where there are >= 2 of them; otherwise a Welch interval when both
+    groups have >= 2 runs; otherwise (a group of one) the difference of the means alone. Returns method
+    ('paired' | 'welch' | 'means'), mean_diff, half_width and ci95 [low, high] of the 95% interval (None
+    without one), df, and for 'paired' n_seeds and seeds_agree (the seeds whose difference has the sign
+    of mean_diff)."""
+    seeds_a, seeds_b = seed_means(a), seed_means(b)
+    shared = [s for s in seeds_a if s in seeds_b]
+    out = {'n_seeds': None, 'seeds_agree': None}
+    if len(shared) >= 2:
+        diffs = [seeds_a[s] - seeds_b[s] for s in shared]
+        diff, half = paired_difference(diffs)
+        out.update(method='paired', df=len(diffs) - 1, n_seeds=len(diffs), seeds_agree=sign_agreement(diffs, diff))
+    elif len(a) >= 2 and len(b) >= 2:
+        diff, half, df = welch_difference([v for _, v in a], [v for _, v in b])
+        out.update(method='welch', df=df)
+    else:
+        diff, half = statistics.mean(v for _, v in a) - statistics.mean(v for _, v in b), None
+        out.update(method='means', df=None)
+    out.update(mean_diff=diff, half_width=half, ci95=None if half is None else [diff - half, diff + half])
+    return out
+
+
+def direction(diff: float) -> str:
+    """The word for the sign of a difference a - b."""
+    return 'lower' if diff < 0 else 'higher' if diff > 0 else 'equal'
+
+
+def pair_line(a: str, b: str, p: dict) -> str:
+    """One pair_stats as text: 'deepseek_moe - moe: -0.031 +- 0.008 (3/3 seeds lower)'."""
+    head = f"{a} - {b}: {p['mean_diff']:.3f}"
+    if p['method'] == 'paired':
+        return f"{head} +- {p['half_width']:.3f} ({p['seeds_agree']}/{p['n_seeds']} seeds {direction(p['mean_diff'])})"
+    if p['method'] == 'welch':
+        return f"{head} +- {p['half_width']:.3f} (unpaired, Welch df {p['df']:.2f})"
+    return f"{head} (a group of one run: no interval)"
+
+
+def group_summary(group: dict) -> dict:
+    """The numbers of one group, as written to summary.json: 'runs' are the run directories as given;
+    val losses as mean and sample std over the runs (std None for one run), and per run ('..._runs');
+    tokens_per_s the median over runs of each run's median; final maxvio_batch, maxvio_global and dropped
+    share the last eval's value averaged over MoE layers, then over runs."""
+    runs = group['runs']
+    numbers = [run_numbers(r) for r in runs]
+    best, final = [n['best_val_loss'] for n in numbers], [n['final_val_loss'] for n in numbers]
+    speeds = present([n['tokens_per_s'] for n in numbers])
+    cfg = runs[0]['config']
+    return {
+        'label': group['label'], 'name': group['name'], 'runs': [r['dir'] for r in runs],
+        'seeds': [r['seed'] for r in runs], 'n_runs': len(runs), 'ffn_type': runs[0]['ffn_type'],
+        'total_params': cfg['total_params'], 'active_params': cfg['active_params'],
+        'final_iters': sorted({n['final_iter'] for n in numbers}),
+        'best_val_loss_runs': best, 'best_val_loss_mean': mean_std(best)[0], 'best_val_loss_std': mean_std(best)[1],
+        'final_val_loss_runs': final, 'final_val_loss_mean': mean_std(final)[0], 'final_val_loss_std': mean_std(final)[1],
+        'tokens_per_s': statistics.median(speeds) if speeds else None,
+        'final_maxvio_batch': mean_or_none([n['maxvio_batch'] for n in numbers]),
+        'final_maxvio_global': mean_or_none([n['maxvio_global'] for n in numbers]),
+        'dropped_share': mean_or_none([n['dropped_share'] for n in numbers]),
+    }
+
+
+def compare_groups(summaries: list[dict]) -> list[dict]:
+    """pair_stats of every two groups (a, b) in order (a before b), with the groups' labels, their names (the
+    labels without the count) and the text line."""
+    pairs = []
+    for a, b in itertools.combinations(summaries, 2):
+        p = pair_stats(list(zip(a['seeds'], a['final_val_loss_runs'])), list(zip(b['seeds'], b['final_val_loss_runs'])))
+        pairs.append({'a': a['label'], 'b': b['label'], 'a_name': a['name'], 'b_name': b['name'], **p,
+                      'text': pair_line(a['name'], b['name'], p)})
+    return pairs
+
+
+def fmt(v: float | None, spec: str) -> str:
+    """v formatted with spec, or '-' for None."""
+    return '-' if v is None else format(v, spec)
+
+
+def markdown_table(summaries: list[dict]) -> str:
+    """The group table of summary.md, with a legend of its columns."""
+    lines = ['| group | runs | FFN | total params | active params | best val loss | final val loss (iter) | '
+             'tokens/s | final maxvio_batch | final maxvio_global | dropped |',
+             '|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+    for s in summaries:
+        best = fmt(s['best_val_loss_mean'], '.4f') + ('' if s['best_val_loss_std'] is None else f" ± {s['best_val_loss_std']:.4f}")
+        final = fmt(s['final_val_loss_mean'], '.4f') + ('' if s['final_val_loss_std'] is None else f" ± {s['final_val_loss_std']:.4f}")
+        first, last = s['final_iters'][0], s['final_iters'][-1]
+        iters = str(first) if first == last else f"{first}-{last}"     # runs still in progress end earlier
+        dropped = '-' if s['dropped_share'] is None else f"{100 * s['dropped_share']:.2f}%"
+        lines.append(f"| {s['label']} | {s['n_runs']} | {s['ffn_type']} | {s['total_params'] / 1e6:.2f}M | "
+                     f"{s['active_params'] / 1e6:.2f}M | {best} | {final} ({iters}) | {fmt(s['tokens_per_s'], ',.0f')} | "
+                     f"{fmt(s['final_maxvio_batch'], '.3f')} | {fmt(s['final_maxvio_global'], '.3f')} | {dropped} |")
+    lines += ['', "Val losses: mean ± sample std over a group's runs. tokens/s: median over runs of each run's median. "
+              "Final = the last eval, averaged over MoE layers and runs: maxvio_batch = MaxVio (max load / mean load - 1) "
+              "of each training step's expert load, mean over the steps since the previous eval; maxvio_global = "
+              "MaxVio of the expert load over all validation batches of the eval (Wang et al. 2024, DeepSeek-V3); "
+              "dropped = share of token-slots over capacity."]
+    return '\n'.join(lines)
+
+
+def pairs_table(pairs: list[dict]) -> str:
+    """The differences of final val loss between groups, as a markdown table."""
+    lines = ['| a - b | final val loss difference | 95% interval | seeds |', '|---|---:|---:|---|']
+    for p in pairs:
+        interval = '-' if p['ci95'] is None else f"[{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}] (± {p['half_width']:.3f})"
+        if p['method'] == 'paired':
+            seeds = f"{p['seeds_agree']}/{p['n_seeds']} {direction(p['mean_diff'])} (paired by seed)"
+        elif p['method'] == 'welch':
+            seeds = f"unpaired (Welch, df {p['df']:.2f})"
+        else:
+            seeds = 'a group of one run'
+        lines.append(f"| {p['a_name']} - {p['b_name']} | {p['mean_diff']:.3f} | {interval} | {seeds} |")
     return '\n'.join(lines)
 
 
 # -----------------------------------------------------------------------------
-# figures
+# figures: per group the mean over its runs, a min-max band over them, and the single runs faint
 
 
-def plot_val_loss(runs: list[dict], colors: dict, path: str) -> None:
+def curve_band(curves: list[list[tuple[float, float]]]) -> tuple[list[float], np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, min and max over curves of (x, y) points, at the x that every curve has (sorted)."""
+    xs = sorted(set.intersection(*(set(x for x, _ in c) for c in curves)))
+    ys = np.array([[dict(c)[x] for x in xs] for c in curves]).reshape(len(curves), len(xs))   # (n_runs, n_x)
+    return xs, ys.mean(0), ys.min(0), ys.max(0)
+
+
+def draw_group(ax, curves: list[list[tuple[float, float]]], color, label: str) -> None:
+    """One group's curves on ax: a single run as one line; several as their mean with a min-max band
+    and each run drawn faintly."""
+    if len(curves) == 1:
+        ax.plot([x for x, _ in curves[0]], [y for _, y in curves[0]], marker='.', color=color, label=label)
+        return
+    for c in curves:
+        ax.plot([x for x, _ in c], [y for _, y in c], color=color, alpha=0.3, linewidth=0.8)
+    xs, mean, low, high = curve_band(curves)
+    ax.fill_between(xs, low, high, color=color, alpha=0.2, linewidth=0)
+    ax.plot(xs, mean, marker='.', color=color, label=label)
+
+
+def plot_val_loss(groups: list[dict], colors: dict, path: str) -> None:
+    """val_loss.png: validation loss against iterations (and tokens, where batch sizes differ) per group."""
+    runs = [run for g in groups for run in g['runs']]
     per_iter = {r['config']['tokens_per_iter'] for r in runs}
     ncols = 2 if len(per_iter) > 1 else 1            # different batch sizes: also against tokens seen
     fig, axes = plt.subplots(1, ncols, figsize=(7 * ncols, 4.5), squeeze=False)
-    for run in runs:
-        it = [r['iter'] for r in run['evals']]
-        loss = [r['val_loss'] for r in run['evals']]
-        axes[0, 0].plot(it, loss, marker='.', color=colors[run['dir']], label=run['label'])
+    for g in groups:
+        draw_group(axes[0, 0], [[(r['iter'], r['val_loss']) for r in run['evals']] for run in g['runs']],
+                   colors[g['name']], g['label'])
         if ncols == 2:
-            axes[0, 1].plot([r['tokens'] / 1e6 for r in run['evals']], loss, marker='.', color=colors[run['dir']])
-    axes[0, 0].set(xlabel='iteration', ylabel='validation loss (cross-entropy, nats)', title='Validation loss')
+            draw_group(axes[0, 1], [[(r['tokens'] / 1e6, r['val_loss']) for r in run['evals']] for run in g['runs']],
+                       colors[g['name']], g['label'])
+    axes[0, 0].set(xlabel='iteration', ylabel='validation loss (cross-entropy, nats)',
+                   title='Validation loss: mean over seeds, min-max band, single runs faint')
     if ncols == 2:
         axes[0, 1].set(xlabel='tokens seen (millions)', ylabel='validation loss', title='Validation loss vs tokens')
     lows = [min(r['val_loss'] for r in run['evals']) for run in runs]
@@ -148,57 +423,88 @@ def plot_val_loss(runs: list[dict], colors: dict, path: str) -> None:
     plt.close(fig)
 
 
-def plot_expert_selection(runs: list[dict], colors: dict, path: str) -> bool:
-    moe_runs = [r for r in runs if r['ffn_type'] != 'dense']
-    if not moe_runs:
+# the two panels of maxvio.png: the key of the eval rows and what it measures
+MAXVIO_PANELS = (('maxvio_batch', "maxvio_batch: MaxVio of each training step's expert load,\n"
+                                  "mean over the steps since the previous eval"),
+                 ('maxvio_global', 'maxvio_global: MaxVio of the expert load over\nall validation batches of an eval'))
+
+
+def plot_maxvio(groups: list[dict], colors: dict, path: str) -> bool:
+    """maxvio.png: maxvio_batch (training) and maxvio_global (validation) of every MoE group, averaged over
+    layers; False (nothing written) when no run logged either."""
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
+    drawn = False
+    for ax, (key, title) in zip(axes, MAXVIO_PANELS):
+        for g in groups:
+            # MaxVio 0 (perfect balance) is drawn at 1e-3 on the log axis
+            curves = [[(r['iter'], max(layer_mean(r[key]), 1e-3)) for r in run['evals'] if r.get(key)] for run in g['runs']]
+            curves = [c for c in curves if c]
+            if curves:
+                draw_group(ax, curves, colors[g['name']], g['label'])
+                drawn = True
+        ax.set_yscale('log')
+        ax.set(xlabel='iteration', ylabel=f'{key}, mean over layers', title=title)
+        ax.grid(alpha=0.3, which='both')
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle('Expert load imbalance, MaxVio = max load / mean load - 1 (Wang et al. 2024, DeepSeek-V3; lower is '
+                 'more even): mean over seeds, min-max band, single runs faint', fontsize=10)
+    fig.tight_layout()
+    if drawn:
+        fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return drawn
+
+
+def selection_counts(run: dict) -> tuple[list[list[float]], list[int], str] | None:
+    """The counts (n_moe_layers, E) for expert_selection.png, the block id of each layer and where they come
+    from: the final expert_selection row; for a run still in progress the latest eval's validation counts
+    (or, in older runs, its training load). None for a run without expert counts (dense)."""
+    if run['selection']:
+        return run['selection']['counts'], run['selection']['layers'], 'final'
+    for key, what in (('val_expert_counts', 'validation batches'), ('expert_counts', 'training load')):
+        rows = [r for r in run['evals'] if r.get(key)]
+        if rows:
+            counts = rows[-1][key]
+            return counts, list(range(len(counts))), f"in progress: {what} at iter {rows[-1]['iter']}"
+    return None
+
+
+def plot_expert_selection(groups: list[dict], colors: dict, path: str) -> bool:
+    """expert_selection.png: per MoE group and layer, the mean share of token-slots per expert over the
+    group's runs, error bars min-max over them; False (nothing written) without MoE runs."""
+    moe = []
+    for g in groups:
+        selections = [s for s in (selection_counts(r) for r in g['runs']) if s is not None]
+        if selections:
+            moe.append((g, selections))
+    if not moe:
         return False
-    n_layers = max(len(counts_of(r)[0]) for r in moe_runs)
-    fig, axes = plt.subplots(len(moe_runs), n_layers, figsize=(3.2 * n_layers, 2.6 * len(moe_runs)), squeeze=False)
-    for i, run in enumerate(moe_runs):
-        counts, source = counts_of(run)
-        layers = run['selection']['layers'] if run['selection'] else list(range(len(counts)))
+    n_layers = max(len(sel[0][0]) for _, sel in moe)
+    fig, axes = plt.subplots(len(moe), n_layers, figsize=(3.2 * n_layers, 2.6 * len(moe)), squeeze=False)
+    for i, (g, selections) in enumerate(moe):
+        mean, low, high = share_spread([counts for counts, _, _ in selections])
+        layers = next((layers for _, layers, source in selections if source == 'final'), selections[0][1])
+        in_progress = [source for _, _, source in selections if source != 'final']
+        note = ('' if not in_progress else f'\n({in_progress[0]})' if len(selections) == 1
+                else f'\n({len(in_progress)}/{len(selections)} runs in progress)')
         for j in range(n_layers):
             ax = axes[i, j]
-            if j >= len(counts):
+            if j >= len(mean):
                 ax.axis('off')
                 continue
-            shares = load_shares(counts)[j]
-            ax.bar(range(len(shares)), shares, color=colors[run['dir']], width=0.85)
-            ax.axhline(1 / len(shares), color='black', linestyle='--', linewidth=1, label='uniform')
-            ax.set_title(f"{run['name']}, layer {layers[j]}" + ('' if source == 'final' else f'\n({source})'), fontsize=9)
+            spread = [mean[j] - low[j], high[j] - mean[j]] if len(selections) > 1 else None
+            ax.bar(range(len(mean[j])), mean[j], color=colors[g['name']], width=0.85, yerr=spread,
+                   error_kw={'elinewidth': 0.8, 'ecolor': 'black'})
+            ax.axhline(1 / len(mean[j]), color='black', linestyle='--', linewidth=1, label='uniform')
+            ax.set_title(f"{g['label']}, layer {layers[j]}{note}", fontsize=9)
             ax.set_xlabel('expert', fontsize=8)
             ax.tick_params(labelsize=7)
             if j == 0:
                 ax.set_ylabel('share of token-slots', fontsize=8)
                 ax.legend(fontsize=7, loc='upper right')
-    fig.suptitle('Expert selection on a fixed validation batch at the end of training', fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def counts_of(run: dict) -> tuple[list[list[float]], str]:
-    """The final expert-selection counts, or (run still in progress) the latest eval's training load."""
-    if run['selection']:
-        return run['selection']['counts'], 'final'
-    last = [r for r in run['evals'] if r.get('expert_counts')][-1]
-    return last['expert_counts'], f"in progress: training load before iter {last['iter']}"
-
-
-def plot_maxvio(runs: list[dict], colors: dict, path: str) -> bool:
-    moe_runs = [r for r in runs if any(e.get('expert_counts') for e in r['evals'])]
-    if not moe_runs:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run in moe_runs:
-        pts = [(r['iter'], mean_maxvio(r['expert_counts'])) for r in run['evals'] if r.get('expert_counts')]
-        ax.plot([p[0] for p in pts], [max(p[1], 1e-3) for p in pts], marker='.', color=colors[run['dir']], label=run['label'])
-    ax.set_yscale('log')
-    ax.set(xlabel='iteration', ylabel='MaxVio (max load / mean load - 1), mean over layers',
-           title='Expert load imbalance during training (lower is more even)')
-    ax.grid(alpha=0.3, which='both')
-    ax.legend(fontsize=8)
+    fig.suptitle('Expert selection on a fixed validation batch\nat the end of training: mean share over seeds,\n'
+                 'error bars min-max over seeds', fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -294,7 +600,7 @@ def routing(run_dir: str, text: str, layer: int, out: str, device: str, val_toke
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('runs', nargs='*', help="run directories (default: every out*/ here with a metrics.jsonl)")
-    parser.add_argument('--out', default='compare_out', help="where the figures and summary.md go")
+    parser.add_argument('--out', default='compare_out', help="where the figures, summary.md and summary.json go")
     parser.add_argument('--routing', metavar='RUN_DIR', help="show the routing of --text in one run instead")
     parser.add_argument('--text', default='Once upon a time, there was a little girl named Lily. She loved to play outside.')
     parser.add_argument('--layer', type=int, default=-1, help="block index of the MoE layer (default: the last)")
@@ -312,20 +618,35 @@ def main() -> None:
     if not runs:
         sys.exit("error: no usable runs (looked in: " + (', '.join(dirs) or 'out*/') + "); train first, "
                  "e.g. python train.py config/deepseek_moe.py")
+    groups = group_runs(runs)
     os.makedirs(args.out, exist_ok=True)
     palette = plt.get_cmap('tab10').colors
-    colors = {run['dir']: palette[i % len(palette)] for i, run in enumerate(runs)}   # one colour per run, everywhere
-    plot_val_loss(runs, colors, os.path.join(args.out, 'val_loss.png'))
+    colors = {g['name']: palette[i % len(palette)] for i, g in enumerate(groups)}   # one colour per group, everywhere
+    plot_val_loss(groups, colors, os.path.join(args.out, 'val_loss.png'))
     written = ['val_loss.png']
-    if plot_expert_selection(runs, colors, os.path.join(args.out, 'expert_selection.png')):
-        written.append('expert_selection.png')
-    if plot_maxvio(runs, colors, os.path.join(args.out, 'maxvio.png')):
+    if plot_maxvio(groups, colors, os.path.join(args.out, 'maxvio.png')):
         written.append('maxvio.png')
-    table = markdown_table([summary_row(r) for r in runs])
+    if plot_expert_selection(groups, colors, os.path.join(args.out, 'expert_selection.png')):
+        written.append('expert_selection.png')
+
+    summaries = [group_summary(g) for g in groups]
+    for s in summaries:
+        if len(s['final_iters']) > 1:
+            print(f"warning: the runs of {s['label']} end at different iterations {s['final_iters']} (some still "
+                  f"running?); its final val loss mixes them", file=sys.stderr)
+    pairs = compare_groups(summaries)
+    table = markdown_table(summaries)
     with open(os.path.join(args.out, 'summary.md'), 'w') as f:
         f.write(table + '\n')
+        if pairs:
+            f.write('\nDifferences of final val loss between groups, 95% interval over seeds:\n\n' + pairs_table(pairs) + '\n')
+    with open(os.path.join(args.out, 'summary.json'), 'w') as f:
+        json.dump({'groups': summaries, 'pairs': pairs}, f, indent=1)
     print(table)
-    print(f"\nwrote {', '.join(os.path.join(args.out, w) for w in written + ['summary.md'])}")
+    if pairs:
+        print('\nDifferences of final val loss (a - b), 95% interval over seeds:')
+        print('\n'.join(p['text'] for p in pairs))
+    print(f"\nwrote {', '.join(os.path.join(args.out, w) for w in written + ['summary.md', 'summary.json'])}")
 
 
 if __name__ == '__main__':

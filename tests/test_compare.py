@@ -1,15 +1,18 @@
-"""compare.py on hand-written metrics.jsonl files and on two tiny real runs."""
+"""compare.py on hand-written metrics.jsonl files (the schema train.py writes) and on two tiny real runs."""
 
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO, random_token_data, subprocess_env as env
-from compare import load_shares, mean_maxvio, read_metrics
+from compare import (T_975, count_label, curve_band, differing_settings, group_runs, layer_mean, load_run,
+                     load_shares, pair_line, pair_stats, read_metrics, share_spread, t_975, welch_difference)
 
 
 def compare(*args, check=True) -> subprocess.CompletedProcess:
@@ -20,10 +23,51 @@ def compare(*args, check=True) -> subprocess.CompletedProcess:
     return p
 
 
-def config_row(ffn_type: str, total: int, active: int, tokens_per_iter: int = 512) -> dict:
-    args = {'ffn_type': ffn_type, 'ffn_hidden': 64, 'n_experts': 4, 'top_k': 2, 'n_shared_experts': 0}
-    return {'type': 'config', 'iter': 0, 'config': {}, 'model_args': args, 'total_params': total,
-            'active_params': active, 'tokens_per_iter': tokens_per_iter}
+def config_row(config_files: list[str] | None, total: int = 1000, active: int = 1000, **settings) -> dict:
+    """A config row; settings override a few defaults of train.py (config_files None: an older run without them)."""
+    config = {'seed': 1337, 'out_dir': 'out', 'ffn_type': 'dense', 'n_experts': 4, 'top_k': 2, 'learning_rate': 2e-3,
+              'max_iters': 100, 'eval_interval': 50, 'log_interval': 10, 'compile': False, 'device': 'cpu', **settings}
+    args = {'ffn_type': config['ffn_type'], 'ffn_hidden': 64, 'n_experts': config['n_experts'], 'top_k': config['top_k'],
+            'n_shared_experts': 0}
+    row = {'type': 'config', 'iter': 0, 'config': config, 'model_args': args, 'total_params': total,
+           'active_params': active, 'tokens_per_iter': 512, 'world_size': 1, 'device': 'cpu', 'dtype': 'float32'}
+    if config_files is not None:
+        row['config_files'] = config_files
+    return row
+
+
+def eval_row(it: int, val_loss: float, **moe) -> dict:
+    return {'type': 'eval', 'iter': it, 'tokens': it * 512, 'train_loss': val_loss + 0.1, 'val_loss': val_loss,
+            'lr': 1e-3, 'elapsed_s': it / 10, 'tokens_per_s': 1000.0 if it else None, **moe}
+
+
+def dense_rows(seed: int, losses: tuple[float, float], speeds=(100.0, 300.0, 200.0), config_files=None, **settings):
+    """A dense run: evals at 0, 50, 100 (val losses[0] at 50, losses[1] at 100), train rows with speeds."""
+    files = ['config/tinystories_cpu.py', 'config/dense.py'] if config_files is None else config_files
+    return [config_row(files, seed=seed, out_dir=f'out-dense-{seed}', **settings),
+            eval_row(0, 5.0),
+            *[{'type': 'train', 'iter': 10 * (i + 1), 'tokens': 5120 * (i + 1), 'loss': 4.0, 'aux_loss': 0.0, 'lr': 1e-3,
+               'ms_per_iter': 5.0, 'tokens_per_s': s} for i, s in enumerate(speeds)],
+            eval_row(50, losses[0]), eval_row(100, losses[1])]
+
+
+def moe_rows(config: str, seed: int, losses: tuple[float, float], maxvio_batch: list[float], maxvio_global: list[float],
+             dropped: list[float], speeds=(100.0, 300.0, 200.0), **settings) -> list[dict]:
+    """A MoE run with 2 layers of 4 experts, named by its config file; the given maxvio_batch, maxvio_global and
+    dropped_frac are the last eval's; the eval at 50 has other values, which the table must not use."""
+    rows = [config_row(['config/tinystories_cpu.py', f'config/{config}.py'], 2000, 1100, ffn_type=config, seed=seed,
+                       out_dir=f'out-{config}-{seed}', **settings),
+            eval_row(0, 5.0, maxvio_global=[2.0, 2.0], val_expert_counts=[[100, 0, 0, 0], [25, 25, 25, 25]])]
+    rows += [{'type': 'train', 'iter': 10 * (i + 1), 'tokens': 5120 * (i + 1), 'loss': 4.0, 'aux_loss': 0.01, 'lr': 1e-3,
+              'ms_per_iter': 5.0, 'tokens_per_s': s, 'maxvio_batch': [0.5, 0.5], 'dropped_frac': [0.2, 0.2]}
+             for i, s in enumerate(speeds)]
+    rows.append(eval_row(50, losses[0], maxvio_global=[9.0, 9.0], val_expert_counts=[[40, 20, 20, 20], [25, 25, 25, 25]],
+                         expert_counts=[[40, 20, 20, 20], [25, 25, 25, 25]], maxvio_batch=[9.0, 9.0], dropped_frac=[0.9, 0.9]))
+    rows.append(eval_row(100, losses[1], maxvio_global=maxvio_global, val_expert_counts=[[40, 20, 20, 20], [25, 25, 25, 25]],
+                         expert_counts=[[40, 20, 20, 20], [25, 25, 25, 25]], maxvio_batch=maxvio_batch, dropped_frac=dropped))
+    rows.append({'type': 'expert_selection', 'iter': 100, 'layers': [0, 1], 'tokens': 40,
+                 'counts': [[10, 30, 0, 0], [5, 5, 5, 25]] if seed % 2 else [[20, 20, 0, 0], [5, 5, 25, 5]]})
+    return rows
 
 
 def write_run(path, rows, truncate_last: bool = False):
@@ -36,68 +80,223 @@ def write_run(path, rows, truncate_last: bool = False):
 
 @pytest.fixture
 def runs(tmp_path):
-    dense = [config_row('dense', 1000, 1000),
-             {'type': 'eval', 'iter': 0, 'tokens': 0, 'val_loss': 5.0, 'train_loss': 5.0},
-             {'type': 'train', 'iter': 10, 'tokens_per_s': 100.0},
-             {'type': 'train', 'iter': 20, 'tokens_per_s': 300.0},
-             {'type': 'train', 'iter': 30, 'tokens_per_s': 200.0},
-             {'type': 'eval', 'iter': 50, 'tokens': 25600, 'val_loss': 3.0, 'train_loss': 3.1},
-             {'type': 'eval', 'iter': 100, 'tokens': 51200, 'val_loss': 3.2, 'train_loss': 2.9}]
-    moe = [config_row('moe', 2000, 1100),
-           {'type': 'eval', 'iter': 0, 'tokens': 0, 'val_loss': 5.0, 'train_loss': 5.0},
-           {'type': 'eval', 'iter': 50, 'tokens': 25600, 'val_loss': 2.9, 'train_loss': 2.9,
-            'expert_counts': [[40, 20, 20, 20], [25, 25, 25, 25]], 'maxvio': [1.0, 0.0], 'dropped_frac': [0.1, 0.0]},
-           {'type': 'expert_selection', 'iter': 50, 'layers': [0, 1], 'counts': [[10, 30, 0, 0], [5, 5, 5, 25]]}]
-    write_run(tmp_path / 'out-dense', dense)
-    write_run(tmp_path / 'out-moe', moe)
+    """deepseek_moe and moe with seeds 1, 2, 3 and one dense run (seed 1), written in that order."""
+    for seed, losses, mb, mg, speeds in ((1, (2.98, 3.00), [0.2, 0.4], [1.0, 0.0], (100.0, 300.0, 200.0)),
+                                         (2, (3.30, 3.10), [0.1, 0.3], [0.5, 0.5], (400.0, 500.0, 600.0)),
+                                         (3, (3.25, 3.05), [0.4, 0.6], [0.2, 0.0], (250.0, 260.0, 270.0))):
+        write_run(tmp_path / f'out-deepseek_moe-{seed}', moe_rows('deepseek_moe', seed, losses, mb, mg, [0.0, 0.0], speeds))
+    for seed, final in ((1, 3.04), (2, 3.12), (3, 3.09)):
+        write_run(tmp_path / f'out-moe-{seed}', moe_rows('moe', seed, (final + 0.2, final), [1.0, 1.0], [0.5, 0.5], [0.1, 0.0]))
+    write_run(tmp_path / 'out-dense', dense_rows(1, (3.0, 3.2)))
     return tmp_path
+
+
+def run_dirs(root) -> list:
+    return [root / f'out-deepseek_moe-{s}' for s in (1, 2, 3)] + [root / f'out-moe-{s}' for s in (1, 2, 3)] + [root / 'out-dense']
+
+
+# -----------------------------------------------------------------------------
+# pure functions, by hand
 
 
 def test_pure_metric_functions():
     shares = load_shares([[10, 30, 0, 0], [5, 5, 5, 25]])
     assert shares == [[0.25, 0.75, 0.0, 0.0], [0.125, 0.125, 0.125, 0.625]]
     assert all(sum(layer) == pytest.approx(1.0) for layer in shares)
-    # layer 0: max 40 / mean 25 - 1 = 0.6; layer 1: 0; mean 0.3
-    assert mean_maxvio([[40, 20, 20, 20], [25, 25, 25, 25]]) == pytest.approx(0.3)
+    assert layer_mean([0.6, 0.0]) == pytest.approx(0.3)
+    assert layer_mean(None) is None and layer_mean([]) is None
+    # two runs: expert 0 of layer 0 has shares 0.25 and 0.5 -> mean 0.375, min 0.25, max 0.5
+    mean, low, high = share_spread([[[10, 30, 0, 0]], [[20, 20, 0, 0]]])
+    assert mean.tolist() == [[0.375, 0.625, 0.0, 0.0]]
+    assert low.tolist() == [[0.25, 0.5, 0.0, 0.0]] and high.tolist() == [[0.5, 0.75, 0.0, 0.0]]
+    # the band is taken where every curve has a point: x = 0 and 10 (x = 20 only in the first)
+    xs, mean, low, high = curve_band([[(0, 1.0), (10, 2.0), (20, 3.0)], [(0, 3.0), (10, 4.0)]])
+    assert xs == [0, 10] and mean.tolist() == [2.0, 3.0] and low.tolist() == [1.0, 2.0] and high.tolist() == [3.0, 4.0]
 
 
-def test_figures_and_table(runs):
+def student_t_cdf(t: float, df: int) -> float:
+    """P(T <= t) for t >= 0, by Simpson's rule on the density of Student's t (an independent check of the table)."""
+    x = np.linspace(0.0, t, 20001)
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    y = c * (1 + x ** 2 / df) ** (-(df + 1) / 2)
+    return 0.5 + (x[1] - x[0]) / 3 * (y[0] + y[-1] + 4 * y[1:-1:2].sum() + 2 * y[2:-1:2].sum())
+
+
+def test_t_quantiles():
+    for df, t in ((1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042), (40, 2.021), (60, 2.000), (120, 1.980)):
+        assert t_975(df) == pytest.approx(t, abs=6e-4), df
+    assert len(T_975) == 30
+    for df in list(range(1, 31)) + [31, 35, 45, 80, 200, 1000]:       # table (3 decimals) and the rule beyond it
+        assert student_t_cdf(t_975(df), df) == pytest.approx(0.975, abs=3e-5), df
+    assert t_975(10 ** 6) == pytest.approx(1.959964, abs=1e-5)          # the normal quantile
+    with pytest.raises(ValueError, match='>= 1'):
+        t_975(0)
+
+
+def test_paired_interval_and_sign_count_by_hand():
+    # seeds 1..3 in both groups (seed 4 only in a: left out); d = a - b = (-0.04, -0.02, -0.04)
+    a = [(1, 3.00), (2, 3.10), (3, 3.05), (4, 2.00)]
+    b = [(1, 3.04), (2, 3.12), (3, 3.09)]
+    p = pair_stats(a, b)
+    # mean -0.1/3; sum of squared deviations 0.0036 - 3 * (0.1/3)^2 = 0.0008/3, var = 0.0004/3, se = 0.02/3
+    assert p['method'] == 'paired' and p['n_seeds'] == 3 and p['df'] == 2
+    assert p['mean_diff'] == pytest.approx(-0.1 / 3)
+    assert p['half_width'] == pytest.approx(4.303 * 0.02 / 3)                    # 0.0287
+    assert p['ci95'] == pytest.approx([-0.1 / 3 - 4.303 * 0.02 / 3, -0.1 / 3 + 4.303 * 0.02 / 3])
+    assert p['seeds_agree'] == 3
+    assert pair_line('deepseek_moe', 'moe', p) == 'deepseek_moe - moe: -0.033 +- 0.029 (3/3 seeds lower)'
+    # seed 3 now disagrees: d = (-0.04, -0.02, +0.02), mean -0.04/3; squares 0.0024 - 3 * (0.04/3)^2 = 0.0056/3,
+    # var 0.0028/3, se = sqrt(0.0028)/3
+    p = pair_stats(a, [(1, 3.04), (2, 3.12), (3, 3.03)])
+    assert p['mean_diff'] == pytest.approx(-0.04 / 3)
+    assert p['half_width'] == pytest.approx(4.303 * math.sqrt(0.0028) / 3)     # 0.0759
+    assert p['seeds_agree'] == 2
+    assert pair_line('a', 'b', p) == 'a - b: -0.013 +- 0.076 (2/3 seeds lower)'
+    # the other way round: higher
+    assert pair_line('b', 'a', pair_stats([(1, 3.04), (2, 3.12), (3, 3.03)], a)) == 'b - a: 0.013 +- 0.076 (2/3 seeds higher)'
+
+
+def test_welch_and_single_run_by_hand():
+    # a = (3.0, 3.2): mean 3.1, s^2 = 0.02, v_a = 0.01; b = (2.8, 2.9, 3.3): mean 3.0, s^2 = 0.14/2 = 0.07, v_b = 0.07/3
+    # df = (0.01 + 0.07/3)^2 / (0.01^2 / 1 + (0.07/3)^2 / 2) = 2.985 -> t at df 2 = 4.303
+    v = 0.01 + 0.07 / 3
+    diff, half, df = welch_difference([3.0, 3.2], [2.8, 2.9, 3.3])
+    assert diff == pytest.approx(0.1)
+    assert df == pytest.approx(v ** 2 / (0.01 ** 2 + (0.07 / 3) ** 2 / 2)) and df == pytest.approx(2.98507, abs=1e-5)
+    assert half == pytest.approx(4.303 * math.sqrt(v))                          # 0.7856
+    # only one shared seed (1): unpaired
+    p = pair_stats([(1, 3.0), (2, 3.2)], [(1, 2.8), (6, 2.9), (7, 3.3)])
+    assert p['method'] == 'welch' and p['seeds_agree'] is None and p['half_width'] == pytest.approx(half)
+    assert pair_line('x', 'y', p) == 'x - y: 0.100 +- 0.786 (unpaired, Welch df 2.99)'
+    # a group of one run: the difference of the means, no interval
+    p = pair_stats([(1, 3.0)], [(1, 3.2), (2, 3.4)])
+    assert p['method'] == 'means' and p['mean_diff'] == pytest.approx(-0.3)
+    assert p['half_width'] is None and p['ci95'] is None and p['seeds_agree'] is None
+    assert pair_line('x', 'y', p) == 'x - y: -0.300 (a group of one run: no interval)'
+
+
+def test_grouping(tmp_path):
+    # two seeds of deepseek_moe (differing also in out_dir, log_interval, compile), one moe, one moe with another
+    # learning rate; then an older dense run without config_files and a moe run with a setting the others lack
+    rows = {'ds1': moe_rows('deepseek_moe', 1, (3.2, 3.0), [0.1, 0.1], [0.1, 0.1], [0.0, 0.0]),
+            'moe': moe_rows('moe', 1, (3.2, 3.0), [0.1, 0.1], [0.1, 0.1], [0.0, 0.0]),
+            'ds2': moe_rows('deepseek_moe', 2, (3.2, 3.0), [0.1, 0.1], [0.1, 0.1], [0.0, 0.0], log_interval=5, compile=True),
+            'moe_lr': moe_rows('moe', 1, (3.2, 3.0), [0.1, 0.1], [0.1, 0.1], [0.0, 0.0], learning_rate=4e-3),
+            'old': dense_rows(1, (3.0, 3.2)),
+            'moe_z': moe_rows('moe', 2, (3.2, 3.0), [0.1, 0.1], [0.1, 0.1], [0.0, 0.0], z_loss_coef=0.001)}
+    del rows['old'][0]['config_files']
+    for name, r in rows.items():
+        write_run(tmp_path / name, r)
+    runs = {name: load_run(str(tmp_path / name)) for name in rows}
+    groups = group_runs([runs[name] for name in ('ds1', 'moe', 'ds2', 'moe_lr')])
+    assert [g['label'] for g in groups] == ['deepseek_moe (2 seeds)', 'moe [learning_rate=0.002] (1 run)',
+                                           'moe [learning_rate=0.004] (1 run)']
+    assert [[os.path.basename(r['dir']) for r in g['runs']] for g in groups] == [['ds1', 'ds2'], ['moe'], ['moe_lr']]
+    assert groups[0]['name'] == 'deepseek_moe' and groups[1]['name'] == 'moe [learning_rate=0.002]'
+    groups = group_runs(list(runs.values()))
+    assert [g['label'] for g in groups] == [
+        'deepseek_moe (2 seeds)',
+        'moe [learning_rate=0.002, z_loss_coef=None] (1 run)',
+        'moe [learning_rate=0.004, z_loss_coef=None] (1 run)',
+        'dense 64 (1 run)',                                     # no config_files: described by its model
+        'moe [learning_rate=0.002, z_loss_coef=0.001] (1 run)']
+    assert differing_settings([{'seed': 1, 'out_dir': 'a', 'lr': 1}, {'seed': 2, 'lr': 1.0, 'dropout': 0.1}]) == ['dropout']
+    assert count_label([1]) == '1 run' and count_label([1, 2, 3]) == '3 seeds' and count_label([1, 1]) == '2 runs'
+
+
+# -----------------------------------------------------------------------------
+# the script
+
+
+def test_figures_table_and_summary_json(runs):
     out = runs / 'cmp'
-    p = compare(runs / 'out-dense', runs / 'out-moe', '--out', out)
-    for name in ('val_loss.png', 'expert_selection.png', 'maxvio.png', 'summary.md'):
-        assert (out / name).stat().st_size > 1000 or name == 'summary.md'
-    table = (out / 'summary.md').read_text()
-    assert table in p.stdout
-    dense_line = next(line for line in table.splitlines() if line.startswith('| out-dense'))
-    moe_line = next(line for line in table.splitlines() if line.startswith('| out-moe'))
-    # dense: best 3.0, final 3.2 at iter 100, tokens/s = median(100, 300, 200) = 200, no MaxVio
-    assert dense_line == '| out-dense | dense | 0.00M | 0.00M | 3.0000 | 3.2000 (100) | 200 | - | - |'
-    # moe: MaxVio (0.6 + 0) / 2 = 0.3 from the counts; dropped share (10% + 0%) / 2 = 5%
-    assert moe_line == '| out-moe | moe | 0.00M | 0.00M | 2.9000 | 2.9000 (50) | - | 0.300 | 5.00% |'
+    p = compare(*run_dirs(runs), '--out', out)
+    for name in ('val_loss.png', 'expert_selection.png', 'maxvio.png'):
+        assert (out / name).stat().st_size > 10_000, name
+    summary = json.loads((out / 'summary.json').read_text())
+    ds, moe, dense = summary['groups']
+    assert [g['label'] for g in summary['groups']] == ['deepseek_moe (3 seeds)', 'moe (3 seeds)', 'dense (1 run)']
+    assert ds['runs'] == [str(d) for d in run_dirs(runs)[:3]] and ds['seeds'] == [1, 2, 3]
+    # deepseek_moe: final (3.00, 3.10, 3.05): mean 3.05, sd 0.05; best (2.98, 3.10, 3.05)
+    assert ds['final_val_loss_mean'] == pytest.approx(3.05) and ds['final_val_loss_std'] == pytest.approx(0.05)
+    assert ds['best_val_loss_mean'] == pytest.approx((2.98 + 3.10 + 3.05) / 3)
+    # tokens/s: run medians 200, 500, 260 -> 260; last evals' maxvio_batch (0.3, 0.2, 0.5), maxvio_global (0.5, 0.5, 0.1)
+    assert ds['tokens_per_s'] == 260
+    assert ds['final_maxvio_batch'] == pytest.approx(1.0 / 3) and ds['final_maxvio_global'] == pytest.approx(1.1 / 3)
+    assert ds['dropped_share'] == 0.0 and moe['dropped_share'] == pytest.approx(0.05)
+    assert moe['final_val_loss_std'] == pytest.approx(math.sqrt((0.13 ** 2 + 0.11 ** 2 + 0.02 ** 2) / 9 / 2))
+    assert dense['final_val_loss_std'] is None and dense['final_maxvio_batch'] is None and dense['n_runs'] == 1
+    pairs = {(q['a'], q['b']): q for q in summary['pairs']}
+    assert list(pairs) == [('deepseek_moe (3 seeds)', 'moe (3 seeds)'), ('deepseek_moe (3 seeds)', 'dense (1 run)'),
+                           ('moe (3 seeds)', 'dense (1 run)')]
+    paired = pairs['deepseek_moe (3 seeds)', 'moe (3 seeds)']
+    assert paired['mean_diff'] == pytest.approx(-0.1 / 3) and paired['half_width'] == pytest.approx(4.303 * 0.02 / 3)
+    assert paired['seeds_agree'] == 3 and paired['n_seeds'] == 3 and len(paired['ci95']) == 2
+    single = pairs['deepseek_moe (3 seeds)', 'dense (1 run)']
+    assert single['mean_diff'] == pytest.approx(-0.15) and single['ci95'] is None
+
+    md = (out / 'summary.md').read_text()
+    lines = md.splitlines()
+    assert next(x for x in lines if x.startswith('| deepseek_moe (3 seeds)')) == (
+        '| deepseek_moe (3 seeds) | 3 | deepseek_moe | 0.00M | 0.00M | 3.0433 ± 0.0603 | 3.0500 ± 0.0500 (100) | 260 | '
+        '0.333 | 0.367 | 0.00% |')
+    assert next(x for x in lines if x.startswith('| dense (1 run)')) == (
+        '| dense (1 run) | 1 | dense | 0.00M | 0.00M | 3.0000 | 3.2000 (100) | 200 | - | - | - |')
+    assert '| deepseek_moe - moe | -0.033 | [-0.062, -0.005] (± 0.029) | 3/3 lower (paired by seed) |' in lines
+    assert '| deepseek_moe - dense | -0.150 | - | a group of one run |' in lines
+    assert 'maxvio_batch' in md and 'maxvio_global' in md
+    assert md.split('\n\nDifferences')[0] in p.stdout
+    assert 'deepseek_moe - moe: -0.033 +- 0.029 (3/3 seeds lower)' in p.stdout.splitlines()
+    assert 'moe - dense: -0.117 (a group of one run: no interval)' in p.stdout.splitlines()
+
+
+def test_single_run_still_works(runs):
+    out = runs / 'one'
+    p = compare(runs / 'out-dense', '--out', out)
+    summary = json.loads((out / 'summary.json').read_text())
+    assert summary['pairs'] == [] and len(summary['groups']) == 1
+    g = summary['groups'][0]
+    assert g['label'] == 'dense (1 run)' and g['runs'] == [str(runs / 'out-dense')]
+    assert g['final_val_loss_mean'] == 3.2 and g['final_val_loss_std'] is None and g['best_val_loss_mean'] == 3.0
+    assert '| dense (1 run) | 1 | dense | 0.00M | 0.00M | 3.0000 | 3.2000 (100) | 200 | - | - | - |' in p.stdout
+    assert 'Differences' not in (out / 'summary.md').read_text()
+    assert (out / 'val_loss.png').stat().st_size > 10_000
+    assert not (out / 'maxvio.png').exists() and not (out / 'expert_selection.png').exists()   # dense: no experts
+    p = compare(runs / 'out-moe-1', '--out', runs / 'one-moe')                 # a single MoE run: no bands
+    assert all((runs / 'one-moe' / f).stat().st_size > 10_000 for f in ('maxvio.png', 'expert_selection.png'))
+    assert '| moe (1 run) | 1 | moe |' in p.stdout
 
 
 def test_truncated_empty_and_missing_metrics(runs):
-    rows = read_metrics(str(runs / 'out-moe' / 'metrics.jsonl'))
+    rows = read_metrics(str(runs / 'out-moe-1' / 'metrics.jsonl'))
     write_run(runs / 'out-cut', rows, truncate_last=True)      # the expert_selection row is cut off
     (runs / 'out-empty').mkdir()
     (runs / 'out-empty' / 'metrics.jsonl').write_text('')
     (runs / 'out-none').mkdir()
     p = compare(runs / 'out-cut', runs / 'out-empty', runs / 'out-none', runs / 'out-dense', '--out', runs / 'cmp')
-    assert 'out-cut/metrics.jsonl:4 is not valid JSON' in p.stderr
+    assert f'out-cut/metrics.jsonl:{len(rows)} is not valid JSON' in p.stderr
     assert 'out-empty/metrics.jsonl is missing or has no config/eval rows; run skipped' in p.stderr
     assert 'out-none/metrics.jsonl is missing' in p.stderr
-    assert '| out-cut | moe' in p.stdout and '| out-dense | dense' in p.stdout
-    assert (runs / 'cmp' / 'expert_selection.png').exists()     # from the in-progress eval counts
+    assert '| moe (1 run) | 1 | moe' in p.stdout and '| dense (1 run) | 1 | dense' in p.stdout
+    assert (runs / 'cmp' / 'expert_selection.png').exists()     # from the in-progress eval's validation counts
     p = compare(runs / 'out-empty', '--out', runs / 'cmp2', check=False)
     assert p.returncode != 0 and 'no usable runs' in p.stderr and 'Traceback' not in p.stderr
+
+
+def test_runs_of_one_group_ending_at_different_iterations(runs):
+    rows = moe_rows('moe', 4, (3.3, 3.5), [1.0, 1.0], [0.5, 0.5], [0.1, 0.0])[:-2]    # still running: last eval at 50
+    write_run(runs / 'out-moe-4', rows)
+    p = compare(runs / 'out-moe-1', runs / 'out-moe-4', '--out', runs / 'cmp')
+    assert 'moe (2 seeds) end at different iterations [50, 100]' in p.stderr
+    assert '| moe (2 seeds) | 2 | moe | 0.00M | 0.00M | 3.1700 ± 0.1838 | 3.1700 ± 0.1838 (50-100) |' in p.stdout
 
 
 def test_default_finds_out_dirs_in_cwd(runs):
     p = subprocess.run([sys.executable, os.path.join(REPO, 'compare.py')], cwd=runs, env={**env(), 'PYTHONPATH': REPO},
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
-    assert '| out-dense |' in p.stdout and '| out-moe |' in p.stdout
-    assert (runs / 'compare_out' / 'val_loss.png').exists()
+    assert '| dense (1 run) |' in p.stdout and '| deepseek_moe (3 seeds) |' in p.stdout and '| moe (3 seeds) |' in p.stdout
+    assert (runs / 'compare_out' / 'val_loss.png').exists() and (runs / 'compare_out' / 'summary.json').exists()
 
 
 def test_two_tiny_real_runs_and_routing(tmp_path, gpt2):
@@ -110,10 +309,12 @@ def test_two_tiny_real_runs_and_routing(tmp_path, gpt2):
                        cwd=REPO, env=env(), check=True, capture_output=True, timeout=300)
     out = tmp_path / 'cmp'
     p = compare(tmp_path / 'out-dense', tmp_path / 'out-deepseek_moe', '--out', out)
-    assert all((out / f).exists() for f in ('val_loss.png', 'expert_selection.png', 'maxvio.png', 'summary.md'))
+    assert all((out / f).exists() for f in ('val_loss.png', 'expert_selection.png', 'maxvio.png', 'summary.md', 'summary.json'))
     sel = [r for r in read_metrics(str(tmp_path / 'out-deepseek_moe' / 'metrics.jsonl')) if r['type'] == 'expert_selection'][0]
     assert all(sum(layer) == pytest.approx(1.0) for layer in load_shares(sel['counts']))
-    assert '| out-deepseek_moe | deepseek_moe' in p.stdout
+    assert '| deepseek_moe (1 run) | 1 | deepseek_moe' in p.stdout
+    groups = json.loads((out / 'summary.json').read_text())['groups']
+    assert groups[1]['final_maxvio_batch'] is not None and groups[1]['final_maxvio_global'] is not None
     p = compare('--routing', tmp_path / 'out-deepseek_moe', '--text', 'Once upon a time', '--out', out,
                 '--val-tokens', 2000)
     assert (out / 'routing.png').exists()
