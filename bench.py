@@ -32,7 +32,7 @@ import time
 import torch
 
 from model import GPT, GPTConfig, MLP, gpu_peak_flops
-from moe import MoE, expert_capacity
+from moe import MoE, expert_capacity, grouped_mm_runs
 
 
 # The scaling family: (routed experts, top_k). Expert width 4 * n_embd / top_k keeps the active width fixed.
@@ -169,8 +169,9 @@ def ffn_layer_fns(cfg: GPTConfig, args, device: str):
     dtype = torch.bfloat16 if args.dtype == 'bfloat16' else torch.float32
     xs = xf[order % n].to(dtype).clone().requires_grad_()
     xsh = xf.clone().requires_grad_()
-    experts = (lambda: layer._experts_grouped(xs, counts, keep)) if cfg.moe_dispatch == 'grouped' \
-        else (lambda: layer._experts_loop(xs, counts, keep))
+    # the expert matmuls of the path the layer itself takes (see MoE.dispatch)
+    grouped = cfg.moe_dispatch != 'loop' and grouped_mm_runs(device, dtype, args.compile)
+    experts = (lambda: layer._experts_grouped(xs, counts, keep)) if grouped else (lambda: layer._experts_loop(xs, counts, keep))
     experts = compiled(experts) if args.compile else experts
 
     gys = torch.randn(xs.shape, device=device, dtype=dtype)

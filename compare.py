@@ -519,9 +519,11 @@ def routing(run_dir: str, text: str, layer: int, out: str, device: str, val_toke
     """routing.png: gate value of every expert for each token of text in one MoE layer;
     top_tokens.md: per expert, the tokens it receives most often on validation data."""
     import tiktoken
-    from model import load_checkpoint
+    from model import load_checkpoint, resolve_runtime
     from train import resolve_data_dir, windows
-    model, ckpt = load_checkpoint(os.path.join(run_dir, 'ckpt.pt'), device)
+    runtime = resolve_runtime(device, 'float32', compile=False)           # the same decisions as train.py
+    device = runtime.device
+    model, ckpt = load_checkpoint(os.path.join(run_dir, 'ckpt.pt'), device, moe_dispatch=runtime.moe_dispatch)
     model.eval()
     ids = model.moe_layer_ids()
     if not ids:
@@ -605,7 +607,7 @@ def main() -> None:
     parser.add_argument('--text', default='Once upon a time, there was a little girl named Lily. She loved to play outside.')
     parser.add_argument('--layer', type=int, default=-1, help="block index of the MoE layer (default: the last)")
     parser.add_argument('--val-tokens', type=int, default=20_000, help="validation tokens for top_tokens.md")
-    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--device', default='auto', help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
     args = parser.parse_args()
     if args.routing:
         try:

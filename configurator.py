@@ -34,7 +34,8 @@ def check_value(key: str, value, defaults: dict):
     if defaults[key] == 'auto' and type(value) is bool:  # compile='auto' | True | False
         return value
     if type(value) is not want:                         # bool is an int subclass: require the real type
-        raise ValueError(f"setting {key!r} expects {want.__name__} (like {defaults[key]!r}), "
+        also = ' or bool' if defaults[key] == 'auto' else ''
+        raise ValueError(f"setting {key!r} expects {want.__name__} (like {defaults[key]!r}){also}, "
                          f"got {type(value).__name__} {value!r}")
     return value
 

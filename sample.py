@@ -12,7 +12,7 @@ import sys
 import torch
 
 from configurator import configure
-from model import load_checkpoint, resolve_device
+from model import load_checkpoint, resolve_runtime
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-deepseek_moe'  # the run directory holding ckpt.pt
@@ -22,8 +22,8 @@ max_new_tokens = 200
 temperature = 0.8             # < 1 sharper, > 1 more random
 top_k = 200                   # sample only among the top_k most likely tokens; 0 = all
 seed = 1337
-device = 'auto'               # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
-dtype = 'auto'                # 'auto' (bfloat16 on CUDA if supported, else float32) | 'float32' | 'bfloat16'
+device = 'auto'               # 'auto' (cuda, else mps, else cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
+dtype = 'auto'                # 'auto' (see model.choose_runtime) | 'float32' | 'bfloat16' | 'float16' | 'float64'
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
@@ -31,8 +31,12 @@ if __name__ == '__main__':
     try:
         settings = configure(DEFAULTS, sys.argv[1:])
         globals().update(settings)
-        device, device_type, dtype, autocast = resolve_device(device, dtype)
-        model, _ = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device)
+        # the same decisions as train.py, for this machine (the checkpoint may come from another one)
+        runtime = resolve_runtime(device, dtype, compile=False)
+        device, autocast = runtime.device, runtime.autocast()
+        model, _ = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device, moe_dispatch=runtime.moe_dispatch)
+        if runtime.dtype == 'float64':
+            model.double()
         if start.startswith('FILE:'):
             with open(start[5:], encoding='utf-8') as f:
                 start = f.read()

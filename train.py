@@ -20,13 +20,13 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
 
 from configurator import check_value, configure
-from model import GPT, GPTConfig, gpu_peak_flops, model_from_checkpoint, read_checkpoint, resolve_device
+from model import GPT, GPTConfig, gpu_peak_flops, model_from_checkpoint, read_checkpoint, resolve_runtime
 from moe import max_vio
 
 # -----------------------------------------------------------------------------
@@ -71,7 +71,7 @@ balance_loss_coef = 0.0
 z_loss_coef = 0.0
 seq_aux_coef = 0.0
 bias_update_speed = 0.0
-moe_dispatch = 'grouped'
+moe_dispatch = 'auto'        # 'auto' (grouped where F.grouped_mm is fast, see model.choose_runtime) | 'grouped' | 'loop'
 # optim: AdamW, linear warmup then cosine decay to min_lr
 learning_rate = 1e-3
 max_iters = 5000
@@ -84,9 +84,9 @@ warmup_iters = 200
 lr_decay_iters = 5000        # usually = max_iters
 min_lr = 1e-4                # usually learning_rate / 10
 # system
-device = 'auto'              # 'auto' (cuda if available, else cpu) | 'cpu' | 'cuda' | 'cuda:1' ...
-dtype = 'auto'               # 'auto' (bfloat16 on CUDA if supported, else float32) | 'float32' | 'bfloat16' | 'float16'
-compile = True               # torch.compile the model (recommended on CUDA; the CPU configs turn it off)
+device = 'auto'              # 'auto' (cuda, else mps, else cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
+dtype = 'auto'               # 'auto' (see model.choose_runtime) | 'float32' | 'bfloat16' | 'float16' | 'float64'
+compile = 'auto'             # 'auto' (on for CUDA GPUs from sm75) | True | False: torch.compile the model
 seed = 1337
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
@@ -210,6 +210,18 @@ def save_checkpoint(checkpoint: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def duration(seconds: float) -> str:
+    """A time span for people: '45s', '12m30s', '3h20m', '4d22h'."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
 def rounded(values: torch.Tensor, digits: int = 4) -> list:
     """A tensor as a (nested) list of floats rounded for metrics.jsonl."""
     return np.round(values.double().cpu().numpy(), digits).tolist()
@@ -237,8 +249,11 @@ if __name__ == '__main__':
         check_settings(config)
         globals().update(config)
         model_args = {k: config[k] for k in MODEL_KEYS}
+        runtime = resolve_runtime(device, dtype, compile, moe_dispatch)
+        device, device_type, dtype, compile = runtime.device, runtime.device_type, runtime.dtype, runtime.compile
+        model_args['moe_dispatch'] = runtime.moe_dispatch          # config keeps what was asked ('auto')
         GPTConfig(**model_args)                                    # validates the model settings early
-        device, device_type, dtype, autocast = resolve_device(device, dtype)
+        autocast = runtime.autocast()
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     config_files = [a for a in sys.argv[1:] if not a.startswith('--')]
@@ -293,7 +308,7 @@ if __name__ == '__main__':
         if device_type == 'cuda' and checkpoint.get('cuda_rng_state') is not None:
             torch.cuda.set_rng_state(checkpoint['cuda_rng_state'].cpu())
         checkpoint = None                                       # free memory
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+    scaler = torch.amp.GradScaler(device_type, enabled=runtime.grad_scaler)
     raw_model = model
     if compile:
         model = torch.compile(model)
@@ -347,9 +362,10 @@ if __name__ == '__main__':
         write_metrics({'type': 'config', 'iter': iter_num, 'config': config, 'config_files': config_files,
                        'model_args': model_args, 'total_params': params['total'], 'active_params': params['active'],
                        'tokens_per_iter': tokens_per_iter, 'world_size': world_size, 'device': device,
-                       'dtype': dtype})
+                       'dtype': dtype, 'runtime': {**asdict(runtime), 'device': device}})
+        print(runtime.summary(moe=bool(moe_layers)))
         print(f"{raw_model.config.ffn_type}: {params['total'] / 1e6:.2f}M parameters, {params['active'] / 1e6:.2f}M "
-              f"active; {tokens_per_iter:,} tokens per iteration; device {device}, {dtype}, compile={compile}")
+              f"active; {tokens_per_iter:,} tokens per iteration")
 
     # -------------------------------------------------------------------------
     # the training loop
@@ -360,6 +376,8 @@ if __name__ == '__main__':
     t_last_eval, iter_last_eval = time.time(), iter_num
     resumed_at = iter_num if init_from == 'resume' else -1
     t0 = time.time()
+    # the run-time estimate: iterations [first_iter + 1, first_iter + 4) of this process, after one warm-up
+    first_iter, t_timed, eval_s = iter_num, None, None
     while True:
         lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr) if decay_lr else learning_rate
         for group in optimizer.param_groups:
@@ -411,8 +429,11 @@ if __name__ == '__main__':
                         'python_rng_state': random.getstate(),
                         'cuda_rng_state': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
                     }, ckpt_path)
+            eval_s = time.time() - t_last_eval - elapsed
             t_last_eval, iter_last_eval = time.time(), iter_num
             t0 = time.time()                                     # keep eval time out of ms/iter
+            if t_timed is not None:
+                t_timed += eval_s                                # nor in the run-time estimate
         if eval_only:
             break
         if last:
@@ -453,6 +474,18 @@ if __name__ == '__main__':
             eval_steps += 1
 
         iter_num += 1
+        if master and iter_num == first_iter + 1:
+            t_timed = time.time()
+        if master and iter_num == first_iter + 4 and iter_num < max_iters:
+            per_iter = (time.time() - t_timed) / 3
+            n_evals = (max_iters - 1) // eval_interval - (iter_num - 1) // eval_interval + 1   # the last included
+            total = per_iter * (max_iters - iter_num) + (eval_s or 0) * n_evals
+            line = (f"timing: {per_iter:.2f} s/iter over 3 iterations: about {duration(total)} for the "
+                    f"{max_iters - iter_num:,} iterations left" + (' and their evals' if eval_s else ''))
+            if device_type != 'cuda' and total > 3600:
+                line += (f". This config is sized for a GPU; on a {device_type.upper()}, put config/tinystories_cpu.py "
+                         f"first (4 layers, 128 wide, 700 iterations of 2,048 tokens: minutes, not days)")
+            print(line)
         if iter_num % log_interval == 0 and master:
             t1 = time.time()
             dt = (t1 - t0) / log_interval
@@ -460,7 +493,8 @@ if __name__ == '__main__':
             row = {'type': 'train', 'iter': iter_num, 'tokens': iter_num * tokens_per_iter, 'loss': round(lossf, 5),
                    'aux_loss': round(aux['aux_loss'].item(), 6), 'lr': lr, 'ms_per_iter': round(1000 * dt, 2),
                    'tokens_per_s': round(tokens_per_iter / dt, 1)}
-            line = f"iter {iter_num}: loss {lossf:.4f}, {1000 * dt:.1f} ms/iter, {tokens_per_iter / dt:,.0f} tok/s"
+            line = (f"iter {iter_num}/{max_iters}: loss {lossf:.4f}, {1000 * dt:.1f} ms/iter, {tokens_per_iter / dt:,.0f} tok/s, "
+                    f"eta {duration(dt * (max_iters - iter_num))}")
             if peak_flops:
                 row['mfu'] = round(raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops), 4)
                 line += f", mfu {100 * row['mfu']:.1f}%"

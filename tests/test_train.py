@@ -17,7 +17,7 @@ from conftest import REPO, SHARED, random_token_data, subprocess_env as env
 from configurator import configure
 from model import GPTConfig, load_checkpoint
 from moe import max_vio
-from train import DEFAULTS, all_finite, check_settings, get_lr, resume_settings, sampler, windows
+from train import DEFAULTS, all_finite, check_settings, duration, get_lr, resume_settings, sampler, windows
 
 TINY = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_embd=32', '--n_head=2', '--block_size=32',
         '--batch_size=8', '--vocab_size=128', '--eval_iters=4', '--log_interval=5', '--warmup_iters=5',
@@ -65,6 +65,10 @@ def test_get_lr_by_hand():
     assert get_lr(59, **args) == pytest.approx(0.55)          # halfway through the cosine: (1 + 0.1) / 2
     assert get_lr(109, **args) == pytest.approx(0.1)
     assert get_lr(500, **args) == pytest.approx(0.1)          # floor after the decay
+
+
+def test_duration_for_people():
+    assert [duration(s) for s in (0.4, 45, 750, 12_000, 425_000)] == ['0s', '45s', '12m30s', '3h20m', '4d22h']
 
 
 def test_get_lr_never_divides_by_zero():
@@ -148,8 +152,9 @@ def test_configurator(tmp_path):
     overlay = tmp_path / 'size.py'
     overlay.write_text('n_embd = 64\n')
     assert configure(DEFAULTS, [str(overlay), 'config/deepseek_moe.py'])['expert_hidden'] == 32
-    with pytest.raises(ValueError, match="'compile' expects bool"):
+    with pytest.raises(ValueError, match=re.escape("'compile' expects str (like 'auto') or bool, got int 1")):
         configure(DEFAULTS, ['--compile=1'])
+    assert configure(DEFAULTS, ['--compile=False'])['compile'] is False        # 'auto' | True | False
 
 
 @pytest.mark.parametrize('argv, key, value', [
@@ -221,6 +226,10 @@ def test_short_run_of_each_config_lowers_val_loss(config, data_dir, tmp_path):
         assert sel['type'] == 'expert_selection' and sel['layers'] == [0, 1]
         assert [sum(c) for c in sel['counts']] == [8 * 32 * k] * 2
         assert 'maxvio_batch' in p.stdout and 'maxvio_global' in p.stdout
+    assert re.search(r'^iter 60/60: loss [\d.]+, [\d.]+ ms/iter, [\d,]+ tok/s, eta 0s', p.stdout, re.M), p.stdout
+    assert p.stdout.startswith('device cpu (') and rows[0]['runtime']['device'] == 'cpu'
+    assert ('MoE dispatch' in p.stdout.splitlines()[0]) == (config != 'dense')
+    assert rows[0]['model_args']['moe_dispatch'] == 'grouped' and rows[0]['config']['moe_dispatch'] == 'auto'
     model, ckpt = load_checkpoint(str(out / 'ckpt.pt'))
     assert ckpt['iter_num'] == 60 and ckpt['config']['ffn_type'] == config
 
@@ -342,6 +351,26 @@ def test_float64_run_uses_the_expert_loop(data_dir, tmp_path):
     assert np.isfinite(evals(out)[-1]['val_loss'])
 
 
+def test_a_run_that_would_take_hours_on_the_cpu_says_so_early(data_dir, tmp_path):
+    """After the first timed iterations: one line with the whole run's time, and where a run off the GPU
+    would take more than an hour, the pointer to config/tinystories_cpu.py (here: 10 million tiny steps)."""
+    proc = subprocess.Popen([sys.executable, 'train.py', 'config/moe.py', *TINY, f'--data_dir={data_dir}',
+                             f'--out_dir={tmp_path / "out"}', '--max_iters=10000000', '--lr_decay_iters=10000000',
+                             '--eval_interval=1000000'], cwd=REPO, env=env(), stdout=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith('timing:') or len(lines) > 20:
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert re.match(r'timing: [\d.]+ s/iter over 3 iterations: about \d+d\d\dh for the 9,999,996 iterations left '
+                    r'and their evals\. This config is sized for a GPU; on a CPU, put config/tinystories_cpu\.py first',
+                    lines[-1]), lines
+
+
 def test_sigkill_during_training_leaves_a_loadable_checkpoint(data_dir, tmp_path):
     out = tmp_path / 'out'
     rng = random.Random(0)
@@ -374,6 +403,15 @@ def test_user_errors_are_one_clean_line(data_dir, tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1
     p = run(['train.py', 'config/moe.py', '--top_k=9'], check=False)              # 8 experts
     assert p.returncode != 0 and 'Traceback' not in p.stderr and 'top_k=9 is impossible' in p.stderr
+    impossible = [('--moe_dispatch=fast', 'moe_dispatch must be auto|grouped|loop')]
+    if not torch.cuda.is_available():
+        impossible.append(('--device=cuda', "device 'cuda' requested, but this PyTorch"))
+    if not torch.backends.mps.is_available():
+        impossible.append(('--device=mps', "device 'mps' requested"))
+    for request, message in impossible:
+        p = run(['train.py', 'config/moe.py', request], check=False)
+        assert p.returncode != 0 and p.stderr.startswith('error: ') and message in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1
     p = run(['train.py', 'config/moe.py', '--dtype=fp16'], check=False)
     assert 'dtype must be' in p.stderr and 'Traceback' not in p.stderr
     p = run(['train.py', 'config/moe.py', '--n_expert=4'], check=False)
