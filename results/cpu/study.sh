@@ -58,4 +58,11 @@ for run in $RUNS; do
   cp "$out/metrics.jsonl" "results/cpu/runs/$config-s$seed/metrics.jsonl"
 done
 
-$PYTHON compare.py results/cpu/runs/* --out results/cpu
+# groups in this order, so that every difference a - b reads "the richer model minus the simpler one":
+# deepseek_moe - moe_shared is rung 3, moe_shared - moe_finegrained rung 2, moe_finegrained - moe rung 1
+runs=""
+for config in dense_total deepseek_moe moe_shared moe_finegrained moe dense; do
+  runs="$runs $(ls -d results/cpu/runs/$config-s* 2>/dev/null || true)"
+done
+# shellcheck disable=SC2086
+$PYTHON compare.py $runs --out results/cpu
