@@ -8,7 +8,7 @@ derive one setting from another (`expert_hidden = n_embd // 2`).
 
 The command line always wins, everywhere: a setting given as --key=value holds that value from the start,
 in every config file (an assignment to it there is ignored), and at the end. So
-`config/deepseek_moe.py --n_embd=256` builds experts 256 // 2 = 128 wide, as the file intends, not
+`config/deepseek_moe.py --n_embd=192` builds experts 192 // 2 = 96 wide, as the file intends, not
 384 // 2 = 192. Where several --key=value name the same key, the last one counts.
 
 Every key must be a known setting and keep its default's type (an int is accepted for a float; a setting
@@ -61,6 +61,11 @@ class ConfigNamespace(dict):
             super().__setitem__(key, value)
 
 
+def config_files(argv: list[str]) -> list[str]:
+    """The config files among the arguments, in order (recorded in metrics.jsonl)."""
+    return [arg for arg in argv if not arg.startswith('--')]
+
+
 def configure(defaults: dict, argv: list[str], base: dict | None = None) -> dict:
     """Apply config files and --key=value settings to a copy of base (default: defaults). See the module
     docstring for the rule: the command line holds from the start, through every file, to the end."""
@@ -80,8 +85,7 @@ def configure(defaults: dict, argv: list[str], base: dict | None = None) -> dict
         with open(path) as f:
             code = compile(f.read(), path, 'exec')
         namespace = ConfigNamespace(settings, pinned)
-        # globals hold the same settings, so that names read inside a comprehension or function resolve too
-        exec(code, dict(namespace), namespace)
+        exec(code, namespace)      # one namespace: comprehensions and lambdas see the file's own assignments
         for key, value in namespace.items():
             if key.startswith('_') or isinstance(value, types.ModuleType):
                 continue                                # __builtins__, imports, private helpers
