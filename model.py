@@ -44,7 +44,7 @@ class GPTConfig:
     z_loss_coef: float = 0.0       # router z-loss
     seq_aux_coef: float = 0.0      # DeepSeek-V3 sequence-wise balance loss
     bias_update_speed: float = 0.0  # gamma of aux-loss-free balancing; 0 = off
-    moe_dispatch: str = 'auto'     # 'auto' (grouped where F.grouped_mm runs, else loop) | 'grouped' | 'loop'
+    moe_dispatch: str = 'auto'     # 'auto' | 'grouped' | 'loop'; auto = grouped where F.grouped_mm runs (train.py: choose_runtime)
 
     def __post_init__(self):
         def bad(msg: str):
@@ -369,7 +369,7 @@ def probe_machine() -> Machine:
 
 
 def choose_runtime(machine: Machine, device: str = 'auto', dtype: str = 'auto', compile: bool | str = 'auto',
-                   moe_dispatch: str = 'auto') -> Runtime:
+                   moe_dispatch: str = 'auto', expert_widths: tuple[int, ...] = ()) -> Runtime:
     """Device, dtype, compile and MoE dispatch for the request on this machine. 'auto' picks:
         device    the first CUDA GPU, else MPS, else the CPU
         dtype     CUDA: bfloat16 where native (compute capability >= 8.0), else float16 + GradScaler;
@@ -377,9 +377,11 @@ def choose_runtime(machine: Machine, device: str = 'auto', dtype: str = 'auto', 
         compile   CUDA from sm75 (Triton); off on MPS (a prototype) and on the CPU (minutes of compiling)
         dispatch  grouped where F.grouped_mm has a fast kernel: CUDA sm90/sm100 in bfloat16 (below sm90 it
                   syncs with the host and loops, pytorch#186620), the CPU in eager mode; else the loop.
+    expert_widths: n_embd and expert_hidden of a MoE model (grouped_mm needs 16-byte row strides).
     An impossible request raises ValueError with one line naming what this machine has and the fix."""
     available = ['cpu'] + (['mps'] if machine.mps_available else []) + [f'cuda:{i}' for i in range(len(machine.cuda_gpus))]
     # device
+    asked = device
     if device == 'auto':
         device = 'cuda' if machine.cuda_gpus else 'mps' if machine.mps_available else 'cpu'
     device_type, _, index = device.partition(':') if isinstance(device, str) else (None, '', '')
@@ -398,7 +400,9 @@ def choose_runtime(machine: Machine, device: str = 'auto', dtype: str = 'auto', 
                          f"(Apple silicon, macOS 14+); available: {', '.join(available)}")
     cap = machine.cuda_gpus[int(index or 0)][1] if device_type == 'cuda' else None
     where = (f"{machine.cuda_gpus[int(index or 0)][0]}, sm{cap[0]}{cap[1]}" if cap
-             else 'Apple GPU' if device_type == 'mps' else 'no CUDA GPU' + ('' if machine.mps_available else ', no MPS'))
+             else 'Apple GPU' if device_type == 'mps'
+             else 'as requested' if asked != 'auto' and (machine.cuda_gpus or machine.mps_available)
+             else 'no CUDA GPU' + ('' if machine.mps_available else ', no MPS'))
 
     # dtype
     if dtype != 'auto' and dtype not in DTYPES:
@@ -422,7 +426,8 @@ def choose_runtime(machine: Machine, device: str = 'auto', dtype: str = 'auto', 
                          f"{where} is older; use --compile=False")
     if compile == 'auto':
         compile = bool(cap and cap >= (7, 5))
-        compile_why = (f"compile {'on' if compile else 'off'}" + ('' if compile else ' (Triton needs sm75+)') if cap
+        compile_why = (f"compile {'on' if compile else 'off'}" + ('' if compile else ' (Triton supports sm75+; '
+                                                                      '--compile=True to try)') if cap
                        else 'compile off (a prototype on MPS)' if device_type == 'mps'
                        else 'compile off (on the CPU it costs minutes for little; --compile=True to try)')
     else:
@@ -430,13 +435,16 @@ def choose_runtime(machine: Machine, device: str = 'auto', dtype: str = 'auto', 
 
     # MoE dispatch: grouped_mm where it runs (moe.grouped_mm_runs) and is fast, else the loop over experts
     has_grouped_mm = tuple(int(v) for v in machine.torch_version.split('+')[0].split('.')[:2]) >= (2, 10)
-    runs = has_grouped_mm and grouped_mm_runs(device_type, DTYPES[dtype], compiling=compile)
+    runs = has_grouped_mm and grouped_mm_runs(device_type, DTYPES[dtype], compile, expert_widths)
     if not has_grouped_mm:
         cannot = f"F.grouped_mm needs torch 2.10+, this is {machine.torch_version}"
     elif device_type == 'mps':
         cannot = 'grouped_mm has no MPS kernel'
     elif dtype == 'float64':
         cannot = 'grouped_mm takes no float64'
+    elif grouped_mm_runs(device_type, DTYPES[dtype], compile):
+        cannot = (f"grouped_mm needs n_embd and expert_hidden {expert_widths} to be multiples of "
+                  f"{16 // DTYPES[dtype].itemsize} in {dtype}")
     elif device_type == 'cuda':
         cannot = 'grouped_mm needs bfloat16 on CUDA'
     else:
@@ -450,8 +458,8 @@ def choose_runtime(machine: Machine, device: str = 'auto', dtype: str = 'auto', 
         moe_dispatch = 'grouped' if runs and fast else 'loop'
         dispatch_why = (f"MoE dispatch grouped (F.grouped_mm)" if moe_dispatch == 'grouped'
                         else f"MoE dispatch loop ({cannot})" if not runs
-                        else "MoE dispatch loop (grouped_mm's fast kernel is for sm90/sm100; below, it syncs "
-                             "with the host and loops: pytorch#186620)")
+                        else "MoE dispatch loop (grouped_mm's fast kernel is for sm90/sm100 only; elsewhere it "
+                             "syncs with the host and loops: pytorch#186620)")
     else:
         dispatch_why = f"MoE dispatch {moe_dispatch}"
     return Runtime(device=device, device_type=device_type, dtype=dtype, compile=compile, moe_dispatch=moe_dispatch,
@@ -460,9 +468,9 @@ def choose_runtime(machine: Machine, device: str = 'auto', dtype: str = 'auto', 
 
 
 def resolve_runtime(device: str = 'auto', dtype: str = 'auto', compile: bool | str = 'auto',
-                    moe_dispatch: str = 'auto') -> Runtime:
+                    moe_dispatch: str = 'auto', expert_widths: tuple[int, ...] = ()) -> Runtime:
     """choose_runtime on this machine."""
-    return choose_runtime(probe_machine(), device, dtype, compile, moe_dispatch)
+    return choose_runtime(probe_machine(), device, dtype, compile, moe_dispatch, expert_widths)
 
 
 def read_checkpoint(path: str) -> dict:

@@ -105,11 +105,14 @@ def sequence_balance_loss(scores: Tensor, idx: Tensor, n_experts: int, batch_siz
     return (f * p).sum(-1).mean()
 
 
-def grouped_mm_runs(device_type: str, dtype: torch.dtype, compiling: bool) -> bool:
-    """Whether F.grouped_mm takes this device and dtype (torch 2.9-2.13). CUDA: bfloat16 only (and compute
-    capability >= 8.0, which model.py's runtime helper checks before training). CPU: float32, bfloat16 and
-    float16 in eager mode, but only bfloat16 when compiled (its meta function demands bf16). Never float64,
-    and no other device. Where it does not run, the MoE layer uses the loop over experts."""
+def grouped_mm_runs(device_type: str, dtype: torch.dtype, compiling: bool, widths: tuple[int, ...] = ()) -> bool:
+    """Whether F.grouped_mm takes this device, dtype and these matrix widths (torch 2.10-2.13). CUDA: bfloat16
+    only (and compute capability >= 8.0, which model.choose_runtime checks before training). CPU: float32,
+    bfloat16 and float16 in eager mode, but only bfloat16 when compiled (its meta function demands bf16).
+    Never float64, and no other device. Every row stride must be a multiple of 16 bytes: n_embd and
+    expert_hidden times the element size (widths). Where it does not run, the MoE layer uses the loop."""
+    if any(w * dtype.itemsize % 16 for w in widths):
+        return False
     if dtype == torch.bfloat16:
         return device_type in ('cuda', 'cpu')
     return device_type == 'cpu' and not compiling and dtype in (torch.float32, torch.float16)
@@ -261,7 +264,8 @@ class MoE(nn.Module):
         # index_select, not x[token]: its backward is an index_add_, much cheaper than advanced indexing's
         xs = x.index_select(0, token).to(dtype)            # (N, C) -> (N*k, C) gathered, grouped by expert
         # 'grouped' or 'auto': one grouped matmul where grouped_mm takes this dtype here, else the loop
-        if self.dispatch_impl != 'loop' and grouped_mm_runs(x.device.type, dtype, torch.compiler.is_compiling()):
+        widths = (x.shape[1], self.w_gate.shape[1])         # n_embd, expert_hidden: the matrices' row strides
+        if self.dispatch_impl != 'loop' and grouped_mm_runs(x.device.type, dtype, torch.compiler.is_compiling(), widths):
             ys = self._experts_grouped(xs, counts, keep)
         else:
             ys = self._experts_loop(xs, counts, keep)

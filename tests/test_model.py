@@ -305,6 +305,21 @@ def test_impossible_requests_are_one_line(machine, request_, message):
     assert '\n' not in str(e.value)
 
 
+def test_grouped_mm_needs_16_byte_row_strides():
+    # n_embd 60, expert_hidden 30: 120 and 240 bytes in fp32 (30 * 4 = 120 is not a multiple of 16)
+    assert choose_runtime(CPU, expert_widths=(60, 30)).moe_dispatch == 'loop'
+    assert choose_runtime(CPU, expert_widths=(60, 32)).moe_dispatch == 'grouped'          # 240 and 128 bytes
+    assert choose_runtime(H100, expert_widths=(64, 36)).moe_dispatch == 'loop'            # 72 bytes in bf16
+    with pytest.raises(ValueError, match=re.escape('expert_hidden (64, 36) to be multiples of 8 in bfloat16')):
+        choose_runtime(H100, moe_dispatch='grouped', expert_widths=(64, 36))
+
+
+def test_where_says_what_the_device_is():
+    assert choose_runtime(H100, device='cpu').summary().startswith('device cpu (as requested): float32')
+    assert choose_runtime(CPU).where == 'no CUDA GPU, no MPS'
+    assert choose_runtime(MAC, device='cpu').where == 'as requested'
+
+
 def test_probe_machine_reads_this_one():
     m = probe_machine()
     assert m.torch_version == torch.__version__ and len(m.cuda_gpus) == torch.cuda.device_count()

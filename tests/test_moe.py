@@ -181,6 +181,14 @@ def test_grouped_mm_runs_where_its_kernels_take_the_dtype():
     assert not grouped_mm_runs('mps', torch.bfloat16, compiling=False)
 
 
+def test_widths_grouped_mm_cannot_take_fall_back_to_the_loop():
+    """grouped_mm wants 16-byte row strides: n_embd 12 and expert_hidden 6 are 48 and 24 bytes in fp32."""
+    assert not grouped_mm_runs('cpu', torch.float32, False, widths=(12, 6))
+    assert grouped_mm_runs('cpu', torch.float32, False, widths=(12, 8))
+    layer = make_layer(n_embd=12, hidden=6, dispatch='grouped')
+    assert_matches_naive(layer, torch.randn(2, 5, 12))
+
+
 @pytest.mark.parametrize('dispatch', ['auto', 'grouped'])
 def test_float64_falls_back_to_the_loop_and_stays_exact(dispatch):
     """grouped_mm rejects float64: the layer must use the loop (no crash), and match the reference."""
@@ -364,7 +372,7 @@ def test_every_config_has_the_size_of_config_moe(size):
     assert build_from_config(*size, 'dense_total.py').config.ffn_hidden == 4 * build_from_config(*size, 'dense.py').config.ffn_hidden == 16 * n_embd
 
 
-def test_ladder_configs_change_one_idea_at_a_time():
+def test_ladder_configs_add_deepseekmoe_s_ideas_rung_by_rung():
     moe, fine, shared, ds = (build_from_config(f'{n}.py').config for n in ('moe', 'moe_finegrained', 'moe_shared', 'deepseek_moe'))
     # rung 1: 4x finer experts, 4x larger top-k; the standard MoE's gating, Switch loss and capacity
     assert (fine.n_experts, fine.top_k, fine.expert_hidden * 4) == (32, 8, moe.expert_hidden)
@@ -372,6 +380,8 @@ def test_ladder_configs_change_one_idea_at_a_time():
     # rung 2: 2 of them shared, the rest routed
     assert (shared.n_shared_experts, shared.n_experts, shared.top_k, shared.expert_hidden) == (2, 30, 6, fine.expert_hidden)
     assert (shared.ffn_type, shared.balance_loss_coef, shared.capacity_factor) == ('moe', moe.balance_loss_coef, moe.capacity_factor)
-    # rung 3: the same experts, balanced without an auxiliary loss
+    # rung 3: the same experts, balanced without an auxiliary loss; with it come DeepSeek-V3's other choices,
+    # which README "Results" names: sigmoid gates renormalised over the chosen, no capacity, no z-loss
     assert (ds.n_shared_experts, ds.n_experts, ds.top_k, ds.expert_hidden) == (2, 30, 6, fine.expert_hidden)
     assert ds.balance_loss_coef == 0 and ds.bias_update_speed > 0
+    assert (ds.ffn_type, ds.score_func, ds.capacity_factor, ds.z_loss_coef) == ('deepseek_moe', 'sigmoid', 0.0, 0.0)
