@@ -88,10 +88,11 @@ def load_run(run_dir: str) -> dict | None:
         print(f"warning: {path} is missing or has no config/eval rows; run skipped", file=sys.stderr)
         return None
     cfg = configs[-1]
+    named = [c for c in configs if c.get('config_files')] or [cfg]     # a resume may have been given no files
     # a resumed run repeats no iteration, but keep the last row of any iteration seen twice
     evals = sorted({r['iter']: r for r in evals}.values(), key=lambda r: r['iter'])
     return {
-        'dir': run_dir, 'name': os.path.basename(os.path.normpath(run_dir)), 'label': run_label(cfg),
+        'dir': run_dir, 'name': os.path.basename(os.path.normpath(run_dir)), 'label': run_label(named[-1]),
         'seed': cfg.get('config', {}).get('seed'), 'config': cfg, 'ffn_type': cfg['model_args']['ffn_type'],
         'evals': evals, 'train': [r for r in rows if r.get('type') == 'train'],
         'selection': next((r for r in reversed(rows) if r.get('type') == 'expert_selection'), None),
@@ -130,7 +131,8 @@ def group_runs(runs: list[dict]) -> list[dict]:
     ('deepseek_moe (3 seeds)')."""
     groups = []
     for run in runs:
-        settings = run['config'].get('config', {})
+        # the settings as given, with the dtype the run really used ('auto' differs from machine to machine)
+        settings = {**run['config'].get('config', {}), 'dtype': run['config'].get('dtype')}
         group = next((g for g in groups if not differing_settings([g['settings'], settings])), None)
         if group is None:
             groups.append({'name': run['label'], 'settings': settings, 'runs': [run]})

@@ -6,7 +6,8 @@ One GPU or the CPU:
     python train.py config/moe.py --max_iters=100 --compile=False
 Several GPUs (DDP), e.g. 8 on one node:
     torchrun --standalone --nproc_per_node=8 train.py config/deepseek_moe.py
-Continue an interrupted run exactly where it stopped (its settings come from the checkpoint):
+Continue an interrupted run from its checkpoint, replaying exactly what the uninterrupted run would have done
+(its settings come from the checkpoint; what is given now overrides them):
     python train.py --init_from=resume --out_dir=out-deepseek_moe
 
 The defaults below are the TinyStories comparison: config/*.py change only the FFN, so dense, moe
@@ -25,7 +26,7 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 
-from configurator import check_value, configure
+from configurator import check_value, config_files, configure
 from model import GPT, GPTConfig, gpu_peak_flops, model_from_checkpoint, read_checkpoint, resolve_runtime
 from moe import max_vio
 
@@ -91,7 +92,8 @@ seed = 1337
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]
-# the settings that fix the shapes of the weights: a resumed run cannot change them
+# the settings that define the model (the shapes of its weights, its heads, its experts per token): a resumed
+# run cannot change them
 SHAPE_KEYS = ('n_layer', 'n_embd', 'n_head', 'vocab_size', 'block_size', 'ffn_type', 'ffn_hidden', 'n_experts',
               'top_k', 'expert_hidden', 'n_shared_experts', 'n_dense_layers', 'bias')
 
@@ -127,6 +129,8 @@ def resume_settings(saved: dict, model_args: dict, argv: list[str], out_dir: str
         if key in DEFAULTS:                                  # settings of an older version may be gone
             base[key] = check_value(key, value, DEFAULTS)
     base['out_dir'] = out_dir
+    for key in ('init_from', 'eval_only'):                   # what one invocation does, not what the run is
+        base[key] = DEFAULTS[key]
     settings = configure(DEFAULTS, argv, base=base)
     for key in SHAPE_KEYS:
         if key in model_args and settings[key] != model_args[key]:
@@ -138,11 +142,12 @@ def resume_settings(saved: dict, model_args: dict, argv: list[str], out_dir: str
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load a checkpoint's optimizer state (the moments, the step counts) but keep the hyperparameters the
-    optimizer was built with now (weight_decay, betas, ...): load_state_dict alone would bring back the old ones."""
+    optimizer was built with now (weight_decay, betas, fused, ...): load_state_dict alone would bring back the
+    old ones. They are merged into the saved groups before loading, so that the state is also placed as the
+    groups of now want it (fused AdamW on CUDA keeps its step counts on the GPU)."""
     now = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, hyper in zip(optimizer.param_groups, now):
-        group.update(hyper)
+    groups = [{**saved, **hyper} for saved, hyper in zip(state['param_groups'], now)]
+    optimizer.load_state_dict({**state, 'param_groups': groups})
 
 
 def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:
@@ -249,14 +254,16 @@ if __name__ == '__main__':
         check_settings(config)
         globals().update(config)
         model_args = {k: config[k] for k in MODEL_KEYS}
-        runtime = resolve_runtime(device, dtype, compile, moe_dispatch)
+        runtime = resolve_runtime(device, dtype, compile, moe_dispatch,
+                                  (n_embd, expert_hidden) if ffn_type != 'dense' else ())
         device, device_type, dtype, compile = runtime.device, runtime.device_type, runtime.dtype, runtime.compile
         model_args['moe_dispatch'] = runtime.moe_dispatch          # config keeps what was asked ('auto')
         GPTConfig(**model_args)                                    # validates the model settings early
         autocast = runtime.autocast()
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    config_files = [a for a in sys.argv[1:] if not a.startswith('--')]
+    # the config files this run was made of (a resume given none keeps the checkpoint's, for compare.py's labels)
+    run_files = config_files(sys.argv[1:]) or (checkpoint or {}).get('config_files', [])
 
     # DDP: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE
     ddp = int(os.environ.get('RANK', -1)) != -1
@@ -297,18 +304,22 @@ if __name__ == '__main__':
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     model.to(device, dtype=torch.float64 if dtype == 'float64' else None)
-    iter_num, best_val_loss = 0, float('inf')
+    iter_num, best_val_loss, scaler_state = 0, float('inf'), None
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
     if checkpoint is not None:
         load_optimizer_state(optimizer, checkpoint['optimizer'])
         iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+        if 'scaler' in checkpoint and runtime.grad_scaler:
+            scaler_state = checkpoint['scaler']
         torch.set_rng_state(checkpoint['torch_rng_state'].cpu())
         np.random.set_state(checkpoint['numpy_rng_state'])
         random.setstate(checkpoint['python_rng_state'])
         if device_type == 'cuda' and checkpoint.get('cuda_rng_state') is not None:
             torch.cuda.set_rng_state(checkpoint['cuda_rng_state'].cpu())
         checkpoint = None                                       # free memory
-    scaler = torch.amp.GradScaler(device_type, enabled=runtime.grad_scaler)
+    scaler = torch.amp.GradScaler(device_type, enabled=runtime.grad_scaler)     # float16: loss scaling
+    if scaler_state:
+        scaler.load_state_dict(scaler_state)                     # the scale it had reached, for an exact resume
     raw_model = model
     if compile:
         model = torch.compile(model)
@@ -359,7 +370,7 @@ if __name__ == '__main__':
         if wandb_log:
             import wandb
             wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-        write_metrics({'type': 'config', 'iter': iter_num, 'config': config, 'config_files': config_files,
+        write_metrics({'type': 'config', 'iter': iter_num, 'config': config, 'config_files': run_files,
                        'model_args': model_args, 'total_params': params['total'], 'active_params': params['active'],
                        'tokens_per_iter': tokens_per_iter, 'world_size': world_size, 'device': device,
                        'dtype': dtype, 'runtime': {**asdict(runtime), 'device': device}})
@@ -414,8 +425,9 @@ if __name__ == '__main__':
             eval_maxvio.zero_()
             eval_dropped.zero_()
             eval_steps = 0
-            # the checkpoint holds the best model so far, and the last one at the end (to resume from)
-            if losses['val'] < best_val_loss or always_save_checkpoint or last:
+            # the checkpoint holds the best model so far, and the last one at the end (to resume from);
+            # an eval_only run only looks
+            if (losses['val'] < best_val_loss or always_save_checkpoint or last) and not eval_only:
                 if not all_finite(raw_model.state_dict().values()):
                     stop(f"non-finite weights at iteration {iter_num}; nothing was saved")
                 best_val_loss = min(best_val_loss, losses['val'])
@@ -423,13 +435,14 @@ if __name__ == '__main__':
                     save_checkpoint({
                         'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
                         'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-                        'config': config,
+                        'config': config, 'config_files': run_files, 'scaler': scaler.state_dict(),
                         'sampler': {'seed': seed, 'iter_num': iter_num},   # see sampler()
                         'torch_rng_state': torch.get_rng_state(), 'numpy_rng_state': np.random.get_state(),
                         'python_rng_state': random.getstate(),
                         'cuda_rng_state': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
                     }, ckpt_path)
-            eval_s = time.time() - t_last_eval - elapsed
+            if not (compile and iter_num == first_iter):          # the first compiled eval also compiles
+                eval_s = time.time() - t_last_eval - elapsed
             t_last_eval, iter_last_eval = time.time(), iter_num
             t0 = time.time()                                     # keep eval time out of ms/iter
             if t_timed is not None:
@@ -466,6 +479,8 @@ if __name__ == '__main__':
         if moe_layers:
             if ddp:
                 dist.all_reduce(step_counts)
+                dist.all_reduce(step_dropped)
+                step_dropped /= world_size                       # the dropped share of the whole step
             raw_model.update_moe_biases(step_counts)
             step_maxvio = max_vio(step_counts)             # MaxVio_batch of this step (all ranks), per layer
             eval_counts += step_counts
@@ -481,10 +496,11 @@ if __name__ == '__main__':
             n_evals = (max_iters - 1) // eval_interval - (iter_num - 1) // eval_interval + 1   # the last included
             total = per_iter * (max_iters - iter_num) + (eval_s or 0) * n_evals
             line = (f"timing: {per_iter:.2f} s/iter over 3 iterations: about {duration(total)} for the "
-                    f"{max_iters - iter_num:,} iterations left" + (' and their evals' if eval_s else ''))
+                    f"{max_iters - iter_num:,} iterations left" + (' and their evals' if eval_s else ' (evals not counted)'))
             if device_type != 'cuda' and total > 3600:
                 line += (f". This config is sized for a GPU; on a {device_type.upper()}, put config/tinystories_cpu.py "
-                         f"first (4 layers, 128 wide, 700 iterations of 2,048 tokens: minutes, not days)")
+                         f"first" + (' and add --device=mps' if device_type == 'mps' else '')
+                         + " (4 layers, 128 wide, 700 iterations of 2,048 tokens: minutes, not days)")
             print(line)
         if iter_num % log_interval == 0 and master:
             t1 = time.time()

@@ -201,6 +201,16 @@ def test_grouping(tmp_path):
         'dense 64 (1 run)',                                     # no config_files: described by its model
         'moe [learning_rate=0.002, z_loss_coef=0.001] (1 run)']
     assert differing_settings([{'seed': 1, 'out_dir': 'a', 'lr': 1}, {'seed': 2, 'lr': 1.0, 'dropout': 0.1}]) == ['dropout']
+    # a run resumed without its config files (python train.py --init_from=resume --out_dir=...) keeps its label
+    resumed = moe_rows('deepseek_moe', 3, (3.2, 3.0), [0.1, 0.1], [0.1, 0.1], [0.0, 0.0])
+    write_run(tmp_path / 'resumed', resumed[:2] + [{**resumed[0], 'iter': 50, 'config_files': []}] + resumed[2:])
+    assert load_run(str(tmp_path / 'resumed'))['label'] == 'deepseek_moe'
+    # the dtype a run really used counts: 'auto' is bfloat16 on a GPU and float32 on the CPU
+    gpu = moe_rows('deepseek_moe', 3, (3.2, 3.0), [0.1, 0.1], [0.1, 0.1], [0.0, 0.0])
+    gpu[0]['dtype'] = 'bfloat16'
+    write_run(tmp_path / 'gpu', gpu)
+    groups = group_runs([runs['ds1'], runs['ds2'], load_run(str(tmp_path / 'gpu'))])
+    assert [g['label'] for g in groups] == ['deepseek_moe [dtype=float32] (2 seeds)', 'deepseek_moe [dtype=bfloat16] (1 run)']
     assert count_label([1]) == '1 run' and count_label([1, 2, 3]) == '3 seeds' and count_label([1, 1]) == '2 runs'
 
 

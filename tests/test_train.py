@@ -15,9 +15,10 @@ import torch
 
 from conftest import REPO, SHARED, random_token_data, subprocess_env as env
 from configurator import configure
-from model import GPTConfig, load_checkpoint
+from model import GPT, GPTConfig, load_checkpoint
 from moe import max_vio
-from train import DEFAULTS, all_finite, check_settings, duration, get_lr, resume_settings, sampler, windows
+from train import (DEFAULTS, all_finite, check_settings, duration, get_lr, load_optimizer_state, resume_settings, sampler,
+                   windows)
 
 TINY = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_embd=32', '--n_head=2', '--block_size=32',
         '--batch_size=8', '--vocab_size=128', '--eval_iters=4', '--log_interval=5', '--warmup_iters=5',
@@ -128,6 +129,21 @@ def test_resume_settings_start_from_the_checkpoint():
     assert 'no_longer_a_setting' not in s
 
 
+def test_load_optimizer_state_keeps_the_state_and_takes_the_new_hyperparameters():
+    model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16, ffn_hidden=32))
+    old = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    x = torch.randint(0, 64, (2, 8))
+    model(x, x)[1].backward()
+    old.step()
+    new = model.configure_optimizers(0.0, 1e-3, (0.8, 0.99), 'cpu')
+    load_optimizer_state(new, old.state_dict())
+    assert [g['weight_decay'] for g in new.param_groups] == [0.0, 0.0]
+    assert all(g['betas'] == (0.8, 0.99) for g in new.param_groups)
+    p = model.lm_head.weight
+    torch.testing.assert_close(new.state[p]['exp_avg'], old.state[p]['exp_avg'])
+    assert new.state[p]['step'].item() == 1
+
+
 def test_all_finite():
     assert all_finite([torch.ones(3), torch.zeros(2, 2)])
     assert not all_finite([torch.ones(3), torch.tensor([1.0, float('nan')])])
@@ -168,6 +184,16 @@ def test_configurator(tmp_path):
 ])
 def test_command_line_reaches_the_config_files(argv, key, value):
     assert configure(DEFAULTS, argv)[key] == value
+
+
+def test_config_file_comprehensions_and_lambdas_see_the_file_s_own_values(tmp_path):
+    f = tmp_path / 'derived.py'
+    f.write_text('n_embd = 512\nffn_hidden = max(n_embd * 4 for _ in range(1))\n'
+                 'expert_hidden = (lambda: n_embd // 2)()\nn_experts = [n_embd // 64 for _ in range(1)][0]\n')
+    s = configure(DEFAULTS, [str(f)])
+    assert (s['ffn_hidden'], s['expert_hidden'], s['n_experts']) == (2048, 256, 8)
+    s = configure(DEFAULTS, [str(f), '--n_embd=64'])
+    assert (s['ffn_hidden'], s['expert_hidden'], s['n_experts']) == (256, 32, 1)
 
 
 def test_command_line_value_holds_inside_a_file_that_assigns_it(tmp_path):
@@ -284,16 +310,17 @@ def test_resume_honours_the_settings_given_now(data_dir, tmp_path):
     run([*common, '--max_iters=10'])
     bias_before = [m.expert_bias.clone() for m in load_checkpoint(str(out / 'ckpt.pt'))[0].moe_layers()]
     assert all(b.abs().sum() > 0 for b in bias_before)              # gamma = 0.001 moved them
-    run([*common, '--max_iters=20', '--init_from=resume', '--bias_update_speed=0.0', '--weight_decay=0.0',
-         '--capacity_factor=1.5'])
+    run(['train.py', f'--out_dir={out}', '--max_iters=20', '--init_from=resume', '--bias_update_speed=0.0',
+         '--weight_decay=0.0', '--capacity_factor=1.5'])
     model, ckpt = load_checkpoint(str(out / 'ckpt.pt'))
     assert ckpt['iter_num'] == 20
     for before, layer in zip(bias_before, model.moe_layers()):
         assert torch.equal(layer.expert_bias, before)                # gamma = 0: not moved since the resume
     assert [g['weight_decay'] for g in ckpt['optimizer']['param_groups']] == [0.0, 0.0]
     assert ckpt['config']['weight_decay'] == 0.0 and ckpt['model_args']['capacity_factor'] == 1.5
-    resumed = [r for r in metrics(out) if r['type'] == 'config'][-1]
+    first, resumed = [r for r in metrics(out) if r['type'] == 'config']
     assert resumed['iter'] == 10 and resumed['config']['bias_update_speed'] == 0.0
+    assert first['config_files'] == resumed['config_files'] == ['config/deepseek_moe.py']
     assert resumed['model_args']['bias_update_speed'] == 0.0 and resumed['model_args']['capacity_factor'] == 1.5
     # changing the model's shape on resume: one line naming the setting and both values; checkpoint kept
     before = (out / 'ckpt.pt').read_bytes()
@@ -301,6 +328,29 @@ def test_resume_honours_the_settings_given_now(data_dir, tmp_path):
     assert p.returncode != 0 and 'Traceback' not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert "n_embd=64 differs from the checkpoint's n_embd=32" in p.stderr
     assert (out / 'ckpt.pt').read_bytes() == before
+
+
+def test_an_eval_only_look_changes_nothing(data_dir, tmp_path):
+    """--eval_only on a finished run evaluates and leaves the checkpoint alone, so the run can still be extended."""
+    out = tmp_path / 'out'
+    run(['train.py', 'config/dense.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=10',
+         '--eval_interval=10', '--lr_decay_iters=30'])
+    before = (out / 'ckpt.pt').read_bytes()
+    p = run(['train.py', f'--out_dir={out}', '--init_from=resume', '--eval_only=True'])
+    assert 'eval 10:' in p.stdout and (out / 'ckpt.pt').read_bytes() == before
+    run(['train.py', f'--out_dir={out}', '--init_from=resume', '--max_iters=20'])
+    assert [r['iter'] for r in evals(out)] == [0, 10, 10, 20]          # the look, then the run goes on
+    assert load_checkpoint(str(out / 'ckpt.pt'))[1]['iter_num'] == 20
+
+
+def test_float16_loss_scale_is_saved_and_resumed(data_dir, tmp_path):
+    out = tmp_path / 'out'
+    run(['train.py', 'config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=6',
+         '--eval_interval=6', '--lr_decay_iters=12', '--dtype=float16'])
+    scale = torch.load(out / 'ckpt.pt', weights_only=False)['scaler']['scale']
+    assert scale > 0
+    p = run(['train.py', f'--out_dir={out}', '--init_from=resume', '--max_iters=8'])
+    assert 'float16 + GradScaler' in p.stdout
 
 
 def test_maxvio_batch_and_global_as_the_papers_define_them(data_dir, tmp_path):
