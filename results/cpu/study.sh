@@ -51,7 +51,7 @@ for run in $RUNS; do
     mkdir -p out-study
     start=$(date +%s)
     taskset -c "$CPUS" $PYTHON train.py config/tinystories_cpu.py "config/$config.py" --seed="$seed" \
-      --out_dir="$out" --init_from=$init > "$out.log" 2>&1 || { tail -5 "$out.log"; exit 1; }
+      --out_dir="$out" --init_from=$init >> "$out.log" 2>&1 || { tail -5 "$out.log"; exit 1; }
     echo "   $(( $(date +%s) - start )) s"
   fi
   mkdir -p "results/cpu/runs/$config-s$seed"
@@ -66,3 +66,9 @@ for config in dense_total deepseek_moe moe_shared moe_finegrained moe dense; do
 done
 # shellcheck disable=SC2086
 $PYTHON compare.py $runs --out results/cpu
+
+# where the tokens go: the last MoE layer of DeepSeekMoE's first seed (routing.png, top_tokens.md)
+if [ -f out-study/deepseek_moe-s1/ckpt.pt ]; then
+  $PYTHON compare.py --routing out-study/deepseek_moe-s1 --out results/cpu \
+    --text "Once upon a time, Lily found a red ball in the park. She was very happy."
+fi
