@@ -297,11 +297,39 @@ def pair_line(a: str, b: str, p: dict) -> str:
     return f"{head} (a group of one run: no interval)"
 
 
+def uniform_maxvio(n_experts: int, top_k: int, tokens: int, trials: int = 100, seed: int = 0) -> float:
+    """The MaxVio of random routing: each of `tokens` tokens takes top_k distinct experts uniformly at random,
+    and the mean over `trials` of max_i load_i / mean load - 1. Sampling alone gives this much imbalance, so
+    it is the yardstick for a measured MaxVio (it grows with the number of experts and shrinks with tokens)."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(trials):
+        chosen = np.argpartition(rng.random((tokens, n_experts)), top_k - 1, axis=1)[:, :top_k]  # k distinct experts
+        load = np.bincount(chosen.ravel(), minlength=n_experts)
+        values.append(load.max() / load.mean() - 1)
+    return float(np.mean(values))
+
+
+def uniform_references(run: dict) -> dict:
+    """uniform_maxvio for a run's maxvio_batch (the tokens of one optimizer step) and maxvio_global (the
+    validation tokens of its last eval, counted from the logged loads); None for a dense run."""
+    args = run['config']['model_args']
+    if args['ffn_type'] == 'dense':
+        return {'uniform_maxvio_batch': None, 'uniform_maxvio_global': None}
+    k, n = args['top_k'], args['n_experts']
+    val_counts = last_logged(run['evals'], 'val_expert_counts')
+    val_tokens = round(sum(val_counts[0]) / k) if val_counts else None
+    step_tokens = run['config'].get('tokens_per_iter')
+    return {'uniform_maxvio_batch': uniform_maxvio(n, k, step_tokens) if step_tokens else None,
+            'uniform_maxvio_global': uniform_maxvio(n, k, val_tokens) if val_tokens else None}
+
+
 def group_summary(group: dict) -> dict:
     """The numbers of one group, as written to summary.json: 'runs' are the run directories as given;
     val losses as mean and sample std over the runs (std None for one run), and per run ('..._runs');
     tokens_per_s the median over runs of each run's median; final maxvio_batch, maxvio_global and dropped
-    share the last eval's value averaged over MoE layers, then over runs."""
+    share the last eval's value averaged over MoE layers, then over runs; uniform_maxvio_batch and
+    uniform_maxvio_global what random routing would show for the same token counts (uniform_references)."""
     runs = group['runs']
     numbers = [run_numbers(r) for r in runs]
     best, final = [n['best_val_loss'] for n in numbers], [n['final_val_loss'] for n in numbers]
@@ -318,6 +346,7 @@ def group_summary(group: dict) -> dict:
         'final_maxvio_batch': mean_or_none([n['maxvio_batch'] for n in numbers]),
         'final_maxvio_global': mean_or_none([n['maxvio_global'] for n in numbers]),
         'dropped_share': mean_or_none([n['dropped_share'] for n in numbers]),
+        **uniform_references(runs[0]),
     }
 
 
@@ -337,6 +366,11 @@ def fmt(v: float | None, spec: str) -> str:
     return '-' if v is None else format(v, spec)
 
 
+def with_uniform(value: float | None, uniform: float | None) -> str:
+    """A MaxVio cell: the measured value, and random routing's in brackets."""
+    return fmt(value, '.3f') + ('' if value is None or uniform is None else f" ({uniform:.3f})")
+
+
 def markdown_table(summaries: list[dict]) -> str:
     """The group table of summary.md, with a legend of its columns."""
     lines = ['| group | runs | FFN | total params | active params | best val loss | final val loss (iter) | '
@@ -350,12 +384,14 @@ def markdown_table(summaries: list[dict]) -> str:
         dropped = '-' if s['dropped_share'] is None else f"{100 * s['dropped_share']:.2f}%"
         lines.append(f"| {s['label']} | {s['n_runs']} | {s['ffn_type']} | {s['total_params'] / 1e6:.2f}M | "
                      f"{s['active_params'] / 1e6:.2f}M | {best} | {final} ({iters}) | {fmt(s['tokens_per_s'], ',.0f')} | "
-                     f"{fmt(s['final_maxvio_batch'], '.3f')} | {fmt(s['final_maxvio_global'], '.3f')} | {dropped} |")
+                     f"{with_uniform(s['final_maxvio_batch'], s['uniform_maxvio_batch'])} | "
+                     f"{with_uniform(s['final_maxvio_global'], s['uniform_maxvio_global'])} | {dropped} |")
     lines += ['', "Val losses: mean ± sample std over a group's runs. tokens/s: median over runs of each run's median. "
               "Final = the last eval, averaged over MoE layers and runs: maxvio_batch = MaxVio (max load / mean load - 1) "
               "of each training step's expert load, mean over the steps since the previous eval; maxvio_global = "
               "MaxVio of the expert load over all validation batches of the eval (Wang et al. 2024, DeepSeek-V3); "
-              "dropped = share of token-slots over capacity."]
+              "in brackets, the MaxVio that random routing of as many tokens shows (uniform_maxvio: below it, "
+              "routing is more even than chance). dropped = share of token-slots over capacity."]
     return '\n'.join(lines)
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import REPO, random_token_data, subprocess_env as env
 from compare import (T_975, count_label, curve_band, differing_settings, group_runs, layer_mean, load_run,
-                     load_shares, pair_line, pair_stats, read_metrics, share_spread, t_975, welch_difference)
+                     load_shares, pair_line, pair_stats, read_metrics, share_spread, t_975, uniform_maxvio,
+                     welch_difference)
 
 
 def compare(*args, check=True) -> subprocess.CompletedProcess:
@@ -112,6 +113,16 @@ def test_pure_metric_functions():
     # the band is taken where every curve has a point: x = 0 and 10 (x = 20 only in the first)
     xs, mean, low, high = curve_band([[(0, 1.0), (10, 2.0), (20, 3.0)], [(0, 3.0), (10, 4.0)]])
     assert xs == [0, 10] and mean.tolist() == [2.0, 3.0] and low.tolist() == [1.0, 2.0] and high.tolist() == [3.0, 4.0]
+
+
+def test_uniform_maxvio_by_hand():
+    # two experts, top-1: load_0 ~ Binomial(T, 1/2) and MaxVio = |2 load_0 / T - 1|, whose mean tends to
+    # sqrt(2 / (pi T)) (the mean absolute deviation of its normal limit, sd 1 / sqrt(T))
+    T = 4000
+    assert uniform_maxvio(2, 1, T, trials=2000) == pytest.approx(math.sqrt(2 / (math.pi * T)), rel=0.06)
+    assert uniform_maxvio(8, 8, 100) == 0.0        # top_k distinct experts: with k = E every load is equal
+    # more experts, more imbalance from sampling alone; more tokens, less
+    assert uniform_maxvio(32, 8, 2048) > uniform_maxvio(8, 2, 2048) > uniform_maxvio(8, 2, 20480) > 0
 
 
 def student_t_cdf(t: float, df: int) -> float:
@@ -247,9 +258,12 @@ def test_figures_table_and_summary_json(runs):
 
     md = (out / 'summary.md').read_text()
     lines = md.splitlines()
+    # random routing's MaxVio for 4 experts, top-2: 512 tokens a step; 100 validation slots = 50 tokens
+    assert ds['uniform_maxvio_batch'] == uniform_maxvio(4, 2, 512) and ds['uniform_maxvio_global'] == uniform_maxvio(4, 2, 50)
+    assert dense['uniform_maxvio_batch'] is None and dense['uniform_maxvio_global'] is None
     assert next(x for x in lines if x.startswith('| deepseek_moe (3 seeds)')) == (
         '| deepseek_moe (3 seeds) | 3 | deepseek_moe | 0.00M | 0.00M | 3.0433 ± 0.0603 | 3.0500 ± 0.0500 (100) | 260 | '
-        '0.333 | 0.367 | 0.00% |')
+        f'0.333 ({uniform_maxvio(4, 2, 512):.3f}) | 0.367 ({uniform_maxvio(4, 2, 50):.3f}) | 0.00% |')
     assert next(x for x in lines if x.startswith('| dense (1 run)')) == (
         '| dense (1 run) | 1 | dense | 0.00M | 0.00M | 3.0000 | 3.2000 (100) | 200 | - | - | - |')
     assert '| deepseek_moe - moe | -0.033 | [-0.062, -0.005] (± 0.029) | 3/3 lower (paired by seed) |' in lines
