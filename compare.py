@@ -10,7 +10,8 @@ form a group, summarised over its seeds.
 Writes to --out:
   val_loss.png          each group's mean validation loss, min-max band over its seeds, single runs faint
   maxvio.png            the same for the two load-imbalance measures of Wang et al. 2024 / DeepSeek-V3:
-                        maxvio_batch (per training step) and maxvio_global (over the validation batches)
+                        maxvio_batch (per training step) and maxvio_global (over the validation batches),
+                        with random routing's MaxVio dotted (uniform_maxvio)
   expert_selection.png  per MoE group and layer, the mean share of token-slots per expert, min-max over seeds
   summary.md            the group table and the differences of final val loss between every two groups
                         (also printed), with a 95% interval over seeds
@@ -467,9 +468,10 @@ MAXVIO_PANELS = (('maxvio_batch', "maxvio_batch: MaxVio of each training step's 
                  ('maxvio_global', 'maxvio_global: MaxVio of the expert load over\nall validation batches of an eval'))
 
 
-def plot_maxvio(groups: list[dict], colors: dict, path: str) -> bool:
+def plot_maxvio(groups: list[dict], colors: dict, path: str, uniform: dict | None = None) -> bool:
     """maxvio.png: maxvio_batch (training) and maxvio_global (validation) of every MoE group, averaged over
-    layers; False (nothing written) when no run logged either."""
+    layers, with random routing's value (uniform[group name][key], from group_summary) as a dotted line;
+    False (nothing written) when no run logged either."""
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
     drawn = False
     for ax, (key, title) in zip(axes, MAXVIO_PANELS):
@@ -480,6 +482,10 @@ def plot_maxvio(groups: list[dict], colors: dict, path: str) -> bool:
             if curves:
                 draw_group(ax, curves, colors[g['name']], g['label'])
                 drawn = True
+            reference = (uniform or {}).get(g['name'], {}).get(key)
+            if curves and reference:
+                ax.axhline(reference, color=colors[g['name']], ls=':', lw=1.2,
+                           label=f"{g['name']}: random routing ({reference:.3f})")
         ax.set_yscale('log')
         ax.set(xlabel='iteration', ylabel=f'{key}, mean over layers', title=title)
         ax.grid(alpha=0.3, which='both')
@@ -664,12 +670,14 @@ def main() -> None:
     colors = {g['name']: palette[i % len(palette)] for i, g in enumerate(groups)}   # one colour per group, everywhere
     plot_val_loss(groups, colors, os.path.join(args.out, 'val_loss.png'))
     written = ['val_loss.png']
-    if plot_maxvio(groups, colors, os.path.join(args.out, 'maxvio.png')):
+    summaries = [group_summary(g) for g in groups]
+    uniform = {s['name']: {'maxvio_batch': s['uniform_maxvio_batch'], 'maxvio_global': s['uniform_maxvio_global']}
+               for s in summaries}
+    if plot_maxvio(groups, colors, os.path.join(args.out, 'maxvio.png'), uniform):
         written.append('maxvio.png')
     if plot_expert_selection(groups, colors, os.path.join(args.out, 'expert_selection.png')):
         written.append('expert_selection.png')
 
-    summaries = [group_summary(g) for g in groups]
     for s in summaries:
         if len(s['final_iters']) > 1:
             print(f"warning: the runs of {s['label']} end at different iterations {s['final_iters']} (some still "
