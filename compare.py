@@ -298,14 +298,18 @@ def pair_line(a: str, b: str, p: dict) -> str:
     return f"{head} (a group of one run: no interval)"
 
 
-def uniform_maxvio(n_experts: int, top_k: int, tokens: int, trials: int = 100, seed: int = 0) -> float:
+def uniform_maxvio(n_experts: int, top_k: int, tokens: int, trials: int | None = None, seed: int = 0) -> float:
     """The MaxVio of random routing: each of `tokens` tokens takes top_k distinct experts uniformly at random,
     and the mean over `trials` of max_i load_i / mean load - 1. Sampling alone gives this much imbalance, so
-    it is the yardstick for a measured MaxVio (it grows with the number of experts and shrinks with tokens)."""
+    it is the yardstick for a measured MaxVio (it grows with the number of experts and shrinks with tokens).
+    trials=None: 100, fewer (down to 10) where tokens x experts is large, to stay within ~50M draws."""
+    if trials is None:
+        trials = min(100, max(10, 50_000_000 // (tokens * n_experts)))
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(trials):
-        chosen = np.argpartition(rng.random((tokens, n_experts)), top_k - 1, axis=1)[:, :top_k]  # k distinct experts
+        keys = rng.random((tokens, n_experts), dtype=np.float32)
+        chosen = np.argpartition(keys, top_k - 1, axis=1)[:, :top_k]       # top_k distinct experts per token
         load = np.bincount(chosen.ravel(), minlength=n_experts)
         values.append(load.max() / load.mean() - 1)
     return float(np.mean(values))
