@@ -344,13 +344,19 @@ def test_an_eval_only_look_changes_nothing(data_dir, tmp_path):
 
 
 def test_float16_loss_scale_is_saved_and_resumed(data_dir, tmp_path):
+    """The GradScaler's state (scale, steps since it last changed) continues across a resume exactly as in an
+    uninterrupted run; a fresh scaler would restart its growth count at 0."""
+    common = ['train.py', 'config/moe.py', *TINY, f'--data_dir={data_dir}', '--eval_interval=6', '--lr_decay_iters=12',
+              '--dtype=float16']
+    run([*common, f'--out_dir={tmp_path / "straight"}', '--max_iters=8'])
     out = tmp_path / 'out'
-    run(['train.py', 'config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=6',
-         '--eval_interval=6', '--lr_decay_iters=12', '--dtype=float16'])
-    scale = torch.load(out / 'ckpt.pt', weights_only=False)['scaler']['scale']
-    assert scale > 0
+    run([*common, f'--out_dir={out}', '--max_iters=6'])
+    assert torch.load(out / 'ckpt.pt', weights_only=False)['scaler']['scale'] > 0
     p = run(['train.py', f'--out_dir={out}', '--init_from=resume', '--max_iters=8'])
     assert 'float16 + GradScaler' in p.stdout
+    resumed = torch.load(out / 'ckpt.pt', weights_only=False)['scaler']
+    straight = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=False)['scaler']
+    assert resumed == straight and resumed['_growth_tracker'] > 2
 
 
 def test_maxvio_batch_and_global_as_the_papers_define_them(data_dir, tmp_path):
