@@ -472,21 +472,21 @@ MAXVIO_PANELS = (('maxvio_batch', "maxvio_batch: MaxVio of each training step's 
                  ('maxvio_global', 'maxvio_global: MaxVio of the expert load over\nall validation batches of an eval'))
 
 
-def plot_maxvio(groups: list[dict], colors: dict, path: str, uniform: dict | None = None) -> bool:
+def plot_maxvio(groups: list[dict], summaries: list[dict], colors: dict, path: str) -> bool:
     """maxvio.png: maxvio_batch (training) and maxvio_global (validation) of every MoE group, averaged over
-    layers, with random routing's value (uniform[group name][key], from group_summary) as a dotted line;
-    False (nothing written) when no run logged either."""
+    layers, with random routing's value (the group's summary, uniform_<key>) as a dotted line; False (nothing
+    written) when no run logged either."""
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
     drawn = False
     for ax, (key, title) in zip(axes, MAXVIO_PANELS):
-        for g in groups:
+        for g, summary in zip(groups, summaries):
             # MaxVio 0 (perfect balance) is drawn at 1e-3 on the log axis
             curves = [[(r['iter'], max(layer_mean(r[key]), 1e-3)) for r in run['evals'] if r.get(key)] for run in g['runs']]
             curves = [c for c in curves if c]
             if curves:
                 draw_group(ax, curves, colors[g['name']], g['label'])
                 drawn = True
-            reference = (uniform or {}).get(g['name'], {}).get(key)
+            reference = summary[f'uniform_{key}']
             if curves and reference:
                 ax.axhline(reference, color=colors[g['name']], ls=':', lw=1.2,
                            label=f"{g['name']}: random routing ({reference:.3f})")
@@ -675,9 +675,7 @@ def main() -> None:
     plot_val_loss(groups, colors, os.path.join(args.out, 'val_loss.png'))
     written = ['val_loss.png']
     summaries = [group_summary(g) for g in groups]
-    uniform = {s['name']: {'maxvio_batch': s['uniform_maxvio_batch'], 'maxvio_global': s['uniform_maxvio_global']}
-               for s in summaries}
-    if plot_maxvio(groups, colors, os.path.join(args.out, 'maxvio.png'), uniform):
+    if plot_maxvio(groups, summaries, colors, os.path.join(args.out, 'maxvio.png')):
         written.append('maxvio.png')
     if plot_expert_selection(groups, colors, os.path.join(args.out, 'expert_selection.png')):
         written.append('expert_selection.png')
