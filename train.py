@@ -14,6 +14,7 @@ The defaults below are the TinyStories comparison: config/*.py change only the F
 and deepseek_moe train on the same data, for the same steps, with the same optimizer.
 """
 
+import gc
 import json
 import math
 import os
@@ -544,4 +545,6 @@ if __name__ == '__main__':
             if master:
                 print(f"balancing biases identical on all {world_size} ranks")
         dist.barrier()             # every rank done with gloo/NCCL before any tears the group down
+        del model                  # DDP's reducer holds the group: free it now, not at interpreter exit
+        gc.collect()
         dist.destroy_process_group()
