@@ -78,6 +78,12 @@ def run_label(config_row: dict) -> str:
     return describe_model(config_row['model_args'])
 
 
+def last_per_iter(rows: list[dict]) -> list[dict]:
+    """One row per iteration, the last one written, in iteration order. A run killed between two
+    checkpoints and resumed logs the steps after its last checkpoint twice; the second time counts."""
+    return sorted({r['iter']: r for r in rows}.values(), key=lambda r: r['iter'])
+
+
 def load_run(run_dir: str) -> dict | None:
     """A run's rows grouped by type, its latest config row (a resumed run appends one), its seed and
     label; None (with a warning) if unusable. 'dir' is run_dir as given."""
@@ -90,12 +96,11 @@ def load_run(run_dir: str) -> dict | None:
         return None
     cfg = configs[-1]
     named = [c for c in configs if c.get('config_files')] or [cfg]     # a resume may have been given no files
-    # a resumed run repeats no iteration, but keep the last row of any iteration seen twice
-    evals = sorted({r['iter']: r for r in evals}.values(), key=lambda r: r['iter'])
+    trains = [r for r in rows if r.get('type') == 'train']
     return {
         'dir': run_dir, 'name': os.path.basename(os.path.normpath(run_dir)), 'label': run_label(named[-1]),
         'seed': cfg.get('config', {}).get('seed'), 'config': cfg, 'ffn_type': cfg['model_args']['ffn_type'],
-        'evals': evals, 'train': [r for r in rows if r.get('type') == 'train'],
+        'evals': last_per_iter(evals), 'train': last_per_iter(trains),
         'selection': next((r for r in reversed(rows) if r.get('type') == 'expert_selection'), None),
     }
 

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO, random_token_data, subprocess_env as env
 from compare import (T_975, count_label, curve_band, differing_settings, group_runs, layer_mean, load_run,
-                     load_shares, pair_line, pair_stats, read_metrics, share_spread, t_975, uniform_maxvio,
+                     load_shares, pair_line, pair_stats, read_metrics, run_numbers, share_spread, t_975, uniform_maxvio,
                      welch_difference)
 
 
@@ -216,6 +216,13 @@ def test_grouping(tmp_path):
     resumed = moe_rows('deepseek_moe', 3, (3.2, 3.0), [0.1, 0.1], [0.1, 0.1], [0.0, 0.0])
     write_run(tmp_path / 'resumed', resumed[:2] + [{**resumed[0], 'iter': 50, 'config_files': []}] + resumed[2:])
     assert load_run(str(tmp_path / 'resumed'))['label'] == 'deepseek_moe'
+    # a run killed at step 20, after its checkpoint at step 0, and resumed logs steps 10 and 20 twice: the
+    # resumed rows count, once each (median tokens/s 200 of 100, 300, 200; with the lost rows it would be 900)
+    lost = [{**r, 'tokens_per_s': 900.0} for r in resumed if r['type'] == 'train' and r['iter'] <= 20]
+    write_run(tmp_path / 'killed', resumed[:2] + lost + [{**resumed[0], 'config_files': []}] + resumed[1:])
+    killed = load_run(str(tmp_path / 'killed'))
+    assert [r['iter'] for r in killed['train']] == [10, 20, 30] and [r['iter'] for r in killed['evals']] == [0, 50, 100]
+    assert run_numbers(killed)['tokens_per_s'] == 200.0
     # the dtype a run really used counts: 'auto' is bfloat16 on a GPU and float32 on the CPU
     gpu = moe_rows('deepseek_moe', 3, (3.2, 3.0), [0.1, 0.1], [0.1, 0.1], [0.0, 0.0])
     gpu[0]['dtype'] = 'bfloat16'
