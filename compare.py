@@ -269,15 +269,17 @@ def pair_stats(a: list[tuple[int | None, float]], b: list[tuple[int | None, floa
     per run. Paired on the shared seeds where there are >= 2 of them; otherwise a Welch interval when both
     groups have >= 2 runs; otherwise (a group of one) the difference of the means alone. Returns method
     ('paired' | 'welch' | 'means'), mean_diff, half_width and ci95 [low, high] of the 95% interval (None
-    without one), df, and for 'paired' n_seeds and seeds_agree (the seeds whose difference has the sign
-    of mean_diff)."""
+    without one), df, and for 'paired' n_seeds, seeds_agree (the seeds whose difference has the sign of
+    mean_diff), paired_seeds and all_paired (False when a run of either group has no partner: then
+    mean_diff is over the shared seeds and differs from the difference of the two groups' means)."""
     seeds_a, seeds_b = seed_means(a), seed_means(b)
-    shared = [s for s in seeds_a if s in seeds_b]
-    out = {'n_seeds': None, 'seeds_agree': None}
+    shared = sorted(s for s in seeds_a if s in seeds_b)
+    out = {'n_seeds': None, 'seeds_agree': None, 'paired_seeds': None, 'all_paired': None}
     if len(shared) >= 2:
         diffs = [seeds_a[s] - seeds_b[s] for s in shared]
         diff, half = paired_difference(diffs)
-        out.update(method='paired', df=len(diffs) - 1, n_seeds=len(diffs), seeds_agree=sign_agreement(diffs, diff))
+        out.update(method='paired', df=len(diffs) - 1, n_seeds=len(diffs), seeds_agree=sign_agreement(diffs, diff),
+                   paired_seeds=shared, all_paired=len(a) == len(b) == len(shared))
     elif len(a) >= 2 and len(b) >= 2:
         diff, half, df = welch_difference([v for _, v in a], [v for _, v in b])
         out.update(method='welch', df=df)
@@ -293,11 +295,16 @@ def direction(diff: float) -> str:
     return 'lower' if diff < 0 else 'higher' if diff > 0 else 'equal'
 
 
+def paired_on(p: dict) -> str:
+    """'' when a paired comparison used every run of both groups, else which seeds it used."""
+    return '' if p['all_paired'] else f"; paired on seeds {', '.join(map(str, p['paired_seeds']))}"
+
+
 def pair_line(a: str, b: str, p: dict) -> str:
     """One pair_stats as text: 'deepseek_moe - moe: -0.031 +- 0.008 (3/3 seeds lower)'."""
     head = f"{a} - {b}: {p['mean_diff']:.3f}"
     if p['method'] == 'paired':
-        return f"{head} +- {p['half_width']:.3f} ({p['seeds_agree']}/{p['n_seeds']} seeds {direction(p['mean_diff'])})"
+        return f"{head} +- {p['half_width']:.3f} ({p['seeds_agree']}/{p['n_seeds']} seeds {direction(p['mean_diff'])}{paired_on(p)})"
     if p['method'] == 'welch':
         return f"{head} +- {p['half_width']:.3f} (unpaired, Welch df {p['df']:.2f})"
     return f"{head} (a group of one run: no interval)"
@@ -411,7 +418,7 @@ def pairs_table(pairs: list[dict]) -> str:
     for p in pairs:
         interval = '-' if p['ci95'] is None else f"[{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}] (± {p['half_width']:.3f})"
         if p['method'] == 'paired':
-            seeds = f"{p['seeds_agree']}/{p['n_seeds']} {direction(p['mean_diff'])} (paired by seed)"
+            seeds = f"{p['seeds_agree']}/{p['n_seeds']} {direction(p['mean_diff'])} (paired by seed{paired_on(p)})"
         elif p['method'] == 'welch':
             seeds = f"unpaired (Welch, df {p['df']:.2f})"
         else:

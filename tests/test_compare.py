@@ -154,17 +154,19 @@ def test_paired_interval_and_sign_count_by_hand():
     assert p['mean_diff'] == pytest.approx(-0.1 / 3)
     assert p['half_width'] == pytest.approx(4.303 * 0.02 / 3)                    # 0.0287
     assert p['ci95'] == pytest.approx([-0.1 / 3 - 4.303 * 0.02 / 3, -0.1 / 3 + 4.303 * 0.02 / 3])
-    assert p['seeds_agree'] == 3
-    assert pair_line('deepseek_moe', 'moe', p) == 'deepseek_moe - moe: -0.033 +- 0.029 (3/3 seeds lower)'
+    assert p['seeds_agree'] == 3 and p['paired_seeds'] == [1, 2, 3] and not p['all_paired']
+    # seed 4 has no partner: the difference is over seeds 1-3, not that of the group means (2.7875 - 3.0833)
+    assert pair_line('deepseek_moe', 'moe', p) == 'deepseek_moe - moe: -0.033 +- 0.029 (3/3 seeds lower; paired on seeds 1, 2, 3)'
+    assert pair_line('x', 'y', pair_stats(a[:3], b)) == 'x - y: -0.033 +- 0.029 (3/3 seeds lower)'
     # seed 3 now disagrees: d = (-0.04, -0.02, +0.02), mean -0.04/3; squares 0.0024 - 3 * (0.04/3)^2 = 0.0056/3,
     # var 0.0028/3, se = sqrt(0.0028)/3
     p = pair_stats(a, [(1, 3.04), (2, 3.12), (3, 3.03)])
     assert p['mean_diff'] == pytest.approx(-0.04 / 3)
     assert p['half_width'] == pytest.approx(4.303 * math.sqrt(0.0028) / 3)     # 0.0759
     assert p['seeds_agree'] == 2
-    assert pair_line('a', 'b', p) == 'a - b: -0.013 +- 0.076 (2/3 seeds lower)'
+    assert pair_line('a', 'b', p) == 'a - b: -0.013 +- 0.076 (2/3 seeds lower; paired on seeds 1, 2, 3)'
     # the other way round: higher
-    assert pair_line('b', 'a', pair_stats([(1, 3.04), (2, 3.12), (3, 3.03)], a)) == 'b - a: 0.013 +- 0.076 (2/3 seeds higher)'
+    assert pair_line('b', 'a', pair_stats([(1, 3.04), (2, 3.12), (3, 3.03)], a[:3])) == 'b - a: 0.013 +- 0.076 (2/3 seeds higher)'
 
 
 def test_welch_and_single_run_by_hand():
