@@ -296,15 +296,15 @@ def direction(diff: float) -> str:
 
 
 def paired_on(p: dict) -> str:
-    """'' when a paired comparison used every run of both groups, else which seeds it used."""
-    return '' if p['all_paired'] else f"; paired on seeds {', '.join(map(str, p['paired_seeds']))}"
+    """How a paired comparison paired: 'by seed' when every run of both groups has a partner, else on which seeds."""
+    return 'by seed' if p['all_paired'] else f"on seeds {', '.join(map(str, p['paired_seeds']))}"
 
 
 def pair_line(a: str, b: str, p: dict) -> str:
     """One pair_stats as text: 'deepseek_moe - moe: -0.031 +- 0.008 (3/3 seeds lower)'."""
     head = f"{a} - {b}: {p['mean_diff']:.3f}"
     if p['method'] == 'paired':
-        return f"{head} +- {p['half_width']:.3f} ({p['seeds_agree']}/{p['n_seeds']} seeds {direction(p['mean_diff'])}{paired_on(p)})"
+        return f"{head} +- {p['half_width']:.3f} ({p['seeds_agree']}/{p['n_seeds']} seeds {direction(p['mean_diff'])}{'' if p['all_paired'] else '; paired ' + paired_on(p)})"
     if p['method'] == 'welch':
         return f"{head} +- {p['half_width']:.3f} (unpaired, Welch df {p['df']:.2f})"
     return f"{head} (a group of one run: no interval)"
@@ -418,7 +418,7 @@ def pairs_table(pairs: list[dict]) -> str:
     for p in pairs:
         interval = '-' if p['ci95'] is None else f"[{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}] (± {p['half_width']:.3f})"
         if p['method'] == 'paired':
-            seeds = f"{p['seeds_agree']}/{p['n_seeds']} {direction(p['mean_diff'])} (paired by seed{paired_on(p)})"
+            seeds = f"{p['seeds_agree']}/{p['n_seeds']} {direction(p['mean_diff'])} (paired {paired_on(p)})"
         elif p['method'] == 'welch':
             seeds = f"unpaired (Welch, df {p['df']:.2f})"
         else:

@@ -12,8 +12,8 @@ import pytest
 
 from conftest import REPO, random_token_data, subprocess_env as env
 from compare import (T_975, count_label, curve_band, differing_settings, group_runs, layer_mean, load_run,
-                     load_shares, pair_line, pair_stats, read_metrics, run_numbers, share_spread, t_975, uniform_maxvio,
-                     welch_difference)
+                     load_shares, pair_line, pair_stats, pairs_table, read_metrics, run_numbers, share_spread, t_975,
+                     uniform_maxvio, welch_difference)
 
 
 def compare(*args, check=True) -> subprocess.CompletedProcess:
@@ -158,6 +158,9 @@ def test_paired_interval_and_sign_count_by_hand():
     # seed 4 has no partner: the difference is over seeds 1-3, not that of the group means (2.7875 - 3.0833)
     assert pair_line('deepseek_moe', 'moe', p) == 'deepseek_moe - moe: -0.033 +- 0.029 (3/3 seeds lower; paired on seeds 1, 2, 3)'
     assert pair_line('x', 'y', pair_stats(a[:3], b)) == 'x - y: -0.033 +- 0.029 (3/3 seeds lower)'
+    assert pairs_table([{**p, 'a_name': 'x', 'b_name': 'y'}, {**pair_stats(a[:3], b), 'a_name': 'x', 'b_name': 'y'}]).splitlines()[2:] == [
+        '| x - y | -0.033 | [-0.062, -0.005] (± 0.029) | 3/3 lower (paired on seeds 1, 2, 3) |',
+        '| x - y | -0.033 | [-0.062, -0.005] (± 0.029) | 3/3 lower (paired by seed) |']
     # seed 3 now disagrees: d = (-0.04, -0.02, +0.02), mean -0.04/3; squares 0.0024 - 3 * (0.04/3)^2 = 0.0056/3,
     # var 0.0028/3, se = sqrt(0.0028)/3
     p = pair_stats(a, [(1, 3.04), (2, 3.12), (3, 3.03)])
