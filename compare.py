@@ -304,7 +304,9 @@ def pair_line(a: str, b: str, p: dict) -> str:
     """One pair_stats as text: 'deepseek_moe - moe: -0.031 +- 0.008 (3/3 seeds lower)'."""
     head = f"{a} - {b}: {p['mean_diff']:.3f}"
     if p['method'] == 'paired':
-        return f"{head} +- {p['half_width']:.3f} ({p['seeds_agree']}/{p['n_seeds']} seeds {direction(p['mean_diff'])}{'' if p['all_paired'] else '; paired ' + paired_on(p)})"
+        how = '' if p['all_paired'] else f"; paired {paired_on(p)}"
+        agree = f"{p['seeds_agree']}/{p['n_seeds']} seeds {direction(p['mean_diff'])}"
+        return f"{head} +- {p['half_width']:.3f} ({agree}{how})"
     if p['method'] == 'welch':
         return f"{head} +- {p['half_width']:.3f} (unpaired, Welch df {p['df']:.2f})"
     return f"{head} (a group of one run: no interval)"

@@ -156,9 +156,11 @@ def test_paired_interval_and_sign_count_by_hand():
     assert p['ci95'] == pytest.approx([-0.1 / 3 - 4.303 * 0.02 / 3, -0.1 / 3 + 4.303 * 0.02 / 3])
     assert p['seeds_agree'] == 3 and p['paired_seeds'] == [1, 2, 3] and not p['all_paired']
     # seed 4 has no partner: the difference is over seeds 1-3, not that of the group means (2.7875 - 3.0833)
-    assert pair_line('deepseek_moe', 'moe', p) == 'deepseek_moe - moe: -0.033 +- 0.029 (3/3 seeds lower; paired on seeds 1, 2, 3)'
+    assert pair_line('deepseek_moe', 'moe', p) == ('deepseek_moe - moe: -0.033 +- 0.029 '
+                                                  '(3/3 seeds lower; paired on seeds 1, 2, 3)')
     assert pair_line('x', 'y', pair_stats(a[:3], b)) == 'x - y: -0.033 +- 0.029 (3/3 seeds lower)'
-    assert pairs_table([{**p, 'a_name': 'x', 'b_name': 'y'}, {**pair_stats(a[:3], b), 'a_name': 'x', 'b_name': 'y'}]).splitlines()[2:] == [
+    rows = [{**p, 'a_name': 'x', 'b_name': 'y'}, {**pair_stats(a[:3], b), 'a_name': 'x', 'b_name': 'y'}]
+    assert pairs_table(rows).splitlines()[2:] == [
         '| x - y | -0.033 | [-0.062, -0.005] (± 0.029) | 3/3 lower (paired on seeds 1, 2, 3) |',
         '| x - y | -0.033 | [-0.062, -0.005] (± 0.029) | 3/3 lower (paired by seed) |']
     # seed 3 now disagrees: d = (-0.04, -0.02, +0.02), mean -0.04/3; squares 0.0024 - 3 * (0.04/3)^2 = 0.0056/3,
