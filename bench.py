@@ -31,7 +31,8 @@ import time
 
 import torch
 
-from model import GPT, GPTConfig, MLP, gpu_peak_flops
+from model import GPT, GPTConfig, MLP
+from runtime import gpu_peak_flops
 from moe import MoE, expert_capacity, grouped_mm_runs
 
 

@@ -581,8 +581,9 @@ def routing(run_dir: str, text: str, layer: int, out: str, device: str, val_toke
     """routing.png: gate value of every expert for each token of text in one MoE layer;
     top_tokens.md: per expert, the tokens it receives most often on validation data."""
     import tiktoken
-    from model import load_checkpoint, resolve_runtime
-    from train import resolve_data_dir, windows
+    from model import load_checkpoint
+    from runtime import resolve_runtime
+    from dataset import resolve_data_dir, windows
     runtime = resolve_runtime(device, 'float32', compile=False)           # the same decisions as train.py
     device = runtime.device
     model, ckpt = load_checkpoint(os.path.join(run_dir, 'ckpt.pt'), device, moe_dispatch=runtime.moe_dispatch)

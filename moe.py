@@ -107,7 +107,7 @@ def sequence_balance_loss(scores: Tensor, idx: Tensor, n_experts: int, batch_siz
 
 def grouped_mm_runs(device_type: str, dtype: torch.dtype, compiling: bool, widths: tuple[int, ...] = ()) -> bool:
     """Whether F.grouped_mm takes this device, dtype and these matrix widths (torch 2.10-2.13). CUDA: bfloat16
-    only (and compute capability >= 8.0, which model.choose_runtime checks before training). CPU: float32,
+    only (and compute capability >= 8.0, which runtime.choose_runtime checks before training). CPU: float32,
     bfloat16 and float16 in eager mode, but only bfloat16 when compiled (its meta function demands bf16).
     Never float64, and no other device. Every row stride must be a multiple of 16 bytes: n_embd and
     expert_hidden times the element size (widths). Where it does not run, the MoE layer uses the loop."""

@@ -12,7 +12,8 @@ import sys
 import torch
 
 from configurator import configure
-from model import load_checkpoint, resolve_runtime
+from model import load_checkpoint
+from runtime import resolve_runtime
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-deepseek_moe'  # the run directory holding ckpt.pt
@@ -23,7 +24,7 @@ temperature = 0.8             # < 1 sharper, > 1 more random
 top_k = 200                   # sample only among the top_k most likely tokens; 0 = all
 seed = 1337
 device = 'auto'               # 'auto' (cuda, else mps, else cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
-dtype = 'auto'                # 'auto' (see model.choose_runtime) | 'float32' | 'bfloat16' | 'float16' | 'float64'
+dtype = 'auto'                # 'auto' (see runtime.choose_runtime) | 'float32' | 'bfloat16' | 'float16' | 'float64'
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 

@@ -28,7 +28,9 @@ import numpy as np
 import torch
 
 from configurator import check_value, config_files, configure
-from model import GPT, GPTConfig, gpu_peak_flops, model_from_checkpoint, read_checkpoint, resolve_runtime
+from dataset import open_data, resolve_data_dir, windows
+from model import GPT, GPTConfig, model_from_checkpoint, read_checkpoint
+from runtime import gpu_peak_flops, resolve_runtime
 from moe import max_vio
 
 # -----------------------------------------------------------------------------
@@ -73,7 +75,7 @@ balance_loss_coef = 0.0
 z_loss_coef = 0.0
 seq_aux_coef = 0.0
 bias_update_speed = 0.0
-moe_dispatch = 'auto'        # 'auto' (grouped where F.grouped_mm is fast, see model.choose_runtime) | 'grouped' | 'loop'
+moe_dispatch = 'auto'        # 'auto' (grouped where F.grouped_mm is fast, see runtime.choose_runtime) | 'grouped' | 'loop'
 # optim: AdamW, linear warmup then cosine decay to min_lr
 learning_rate = 1e-3
 max_iters = 5000
@@ -87,7 +89,7 @@ lr_decay_iters = 5000        # usually = max_iters
 min_lr = 1e-4                # usually learning_rate / 10
 # system
 device = 'auto'              # 'auto' (cuda, else mps, else cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
-dtype = 'auto'               # 'auto' (see model.choose_runtime) | 'float32' | 'bfloat16' | 'float16' | 'float64'
+dtype = 'auto'               # 'auto' (see runtime.choose_runtime) | 'float32' | 'bfloat16' | 'float16' | 'float64'
 compile = 'auto'             # 'auto' (on for CUDA GPUs from sm75) | True | False: torch.compile the model
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -161,35 +163,6 @@ def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int
     ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))        # 1 -> 0
     return min_lr + coeff * (learning_rate - min_lr)
-
-
-def open_data(data_dir: str, dataset: str, block_size: int) -> dict[str, np.memmap]:
-    """The uint16 token files of both splits, checked to exist and to hold more than one block."""
-    data = {}
-    for split in ('train', 'val'):
-        path = os.path.join(data_dir, f'{split}.bin')
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found; run python data/{dataset}/prepare.py "
-                                    f"(or set --data_dir to a folder holding train.bin and val.bin)")
-        data[split] = np.memmap(path, dtype=np.uint16, mode='r')
-        if len(data[split]) <= block_size + 1:
-            raise ValueError(f"{path} holds {len(data[split])} tokens, fewer than block_size+1 = {block_size + 1}; "
-                             f"use more text or a smaller --block_size")
-    return data
-
-
-def windows(data: np.ndarray, offsets: np.ndarray, block_size: int, device: str = 'cpu') -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs data[i : i+T] and targets data[i+1 : i+1+T] for every offset i: (B, T) int64 each."""
-    x = torch.from_numpy(np.stack([data[i:i + block_size].astype(np.int64) for i in offsets]))
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size].astype(np.int64) for i in offsets]))
-    if device.startswith('cuda'):
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
-
-
-def resolve_data_dir(data_dir: str, dataset: str) -> str:
-    """data_dir if set, else data/<dataset> next to this script."""
-    return data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
 
 
 def get_batch(data: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator,

@@ -17,8 +17,8 @@ from conftest import REPO, SHARED, random_token_data, subprocess_env as env
 from configurator import configure
 from model import GPT, GPTConfig, load_checkpoint
 from moe import max_vio
-from train import (DEFAULTS, all_finite, check_settings, duration, get_lr, load_optimizer_state, resume_settings, sampler,
-                   windows)
+from dataset import windows
+from train import DEFAULTS, all_finite, check_settings, duration, get_lr, load_optimizer_state, resume_settings, sampler
 
 TINY = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_embd=32', '--n_head=2', '--block_size=32',
         '--batch_size=8', '--vocab_size=128', '--eval_iters=4', '--log_interval=5', '--warmup_iters=5',
