@@ -28,7 +28,8 @@ class GPTConfig:
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.0
-    bias: bool = False             # biases in Linears and LayerNorms (False: a bit better and faster)
+    bias: bool = False             # biases in the Linears and LayerNorms of attention, dense FFN and shared experts
+                                   # (False: a bit better and faster); routed experts and the router never have one
     ffn_type: str = 'dense'        # 'dense' | 'moe' | 'deepseek_moe'
     ffn_hidden: int = 1536         # width of the dense SwiGLU FFN
     n_dense_layers: int = 0        # MoE models: the first blocks keep a dense FFN (DeepSeek does)
@@ -43,6 +44,8 @@ class GPTConfig:
     z_loss_coef: float = 0.0       # router z-loss
     seq_aux_coef: float = 0.0      # DeepSeek-V3 sequence-wise balance loss
     bias_update_speed: float = 0.0  # gamma of aux-loss-free balancing; 0 = off
+    bias_update_rule: str = 'sign'  # 'sign' (DeepSeek-V3) | 'proportional' (Wang et al. 2024): see MoE.update_bias
+    bias_recenter: bool = False    # re-centre the balancing biases to mean 0 after each update (routing unchanged)
     moe_dispatch: str = 'auto'     # 'auto' | 'grouped' | 'loop'; auto = grouped where F.grouped_mm runs (train.py: choose_runtime)
 
     def __post_init__(self):
@@ -75,6 +78,8 @@ class GPTConfig:
             bad("score_func='sigmoid' is DeepSeek-V3's gating: use it with ffn_type='deepseek_moe'")
         if self.n_shared_experts < 0 or self.capacity_factor < 0:
             bad("n_shared_experts and capacity_factor must be >= 0")
+        if self.bias_update_rule not in ('sign', 'proportional'):
+            bad(f"bias_update_rule must be sign|proportional, got {self.bias_update_rule!r}")
         if self.moe_dispatch not in ('auto', 'grouped', 'loop'):
             bad(f"moe_dispatch must be auto|grouped|loop, got {self.moe_dispatch!r}")
         for name in ('aux_loss_coef', 'balance_loss_coef', 'z_loss_coef', 'seq_aux_coef', 'bias_update_speed'):
@@ -102,25 +107,29 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Dense SwiGLU FFN: (silu(x W_gate) * (x W_up)) W_down, the same function as one expert in moe.py.
-    Also serves as DeepSeekMoE's shared experts (n_shared experts of width h == one of width n_shared*h)."""
+    """SwiGLU: (silu(x W_gate) * (x W_up)) W_down, the same function as one expert in moe.py. The dense FFN
+    (DenseFFN) and DeepSeekMoE's shared experts (n_shared experts of width h == one of width n_shared*h).
+    No dropout here: the FFN layer applies it once to its whole output (DenseFFN, MoE.forward)."""
 
     def __init__(self, config: GPTConfig, hidden: int):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)   # gate and up, fused
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.c_fc(x).chunk(2, dim=-1)          # (..., C) -> 2 x (..., H)
-        return self.dropout(self.c_proj(F.silu(gate) * up))
+        return self.c_proj(F.silu(gate) * up)
 
 
 class DenseFFN(MLP):
-    """The dense FFN with the common FFN contract forward(x) -> (y, aux)."""
+    """The dense FFN with the common FFN contract forward(x) -> (y, aux), dropout on its output."""
+
+    def __init__(self, config: GPTConfig, hidden: int):
+        super().__init__(config, hidden)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict]:
-        return super().forward(x), {}
+        return self.dropout(super().forward(x)), {}
 
 
 class Block(nn.Module):
@@ -216,7 +225,9 @@ class GPT(nn.Module):
             layer_aux.append(aux)
         x = self.transformer.ln_f(x)
         moe_aux = [a for a in layer_aux if a]           # dense layers return {}
-        aux_loss = sum((a['aux_loss'] for a in moe_aux), x.new_zeros((), dtype=torch.float32))
+        # the auxiliary losses are averaged over the MoE layers, so a coefficient means the same at any depth
+        aux_loss = (torch.stack([a['aux_loss'] for a in moe_aux]).mean() if moe_aux
+                    else x.new_zeros((), dtype=torch.float32))
         if targets is not None:
             logits = self.lm_head(x)                                                      # (B, T, V)
             # cross-entropy in at least float32, whatever the autocast dtype of the logits
@@ -244,11 +255,12 @@ class GPT(nn.Module):
         return logits, loss, aux
 
     @torch.no_grad()
-    def update_moe_biases(self, expert_counts: Tensor) -> None:
+    def update_moe_biases(self, expert_counts: Tensor, scale: float = 1.0) -> None:
         """Aux-loss-free balancing step for every MoE layer. expert_counts: (n_moe_layers, E), the
-        token-slots of a whole optimizer step (summed over micro-steps and DDP ranks)."""
+        token-slots of a whole optimizer step (summed over micro-steps and DDP ranks); scale: the schedule's
+        factor on gamma (train.py, bias_update_scale)."""
         for layer, counts in zip(self.moe_layers(), expert_counts):
-            layer.update_bias(counts)
+            layer.update_bias(counts, scale)
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
                               device_type: str) -> torch.optim.AdamW:

@@ -126,6 +126,16 @@ def expert_capacity(n_tokens: int, n_experts: int, top_k: int, capacity_factor: 
     return max(1, math.ceil(capacity_factor * top_k * n_tokens / n_experts))
 
 
+def gated_down(h: Tensor, gate: Tensor, down, out_width: int) -> Tensor:
+    """g * W_down(h) for rows h (M, H) with gates g (M,), the gate multiplied where it costs least: g * W_down(h) =
+    W_down(g * h), so on the H-wide hidden rows when H < C (DeepSeekMoE's fine-grained experts: 64 columns, not
+    128), else on the C-wide output rows (the standard MoE's 2C-wide experts). down: the projection (M, H) -> (M, C),
+    out_width: C."""
+    if h.shape[1] < out_width:
+        return down(h * gate[:, None])
+    return down(h) * gate[:, None]
+
+
 # -----------------------------------------------------------------------------
 # The MoE layer
 
@@ -150,6 +160,8 @@ class MoE(nn.Module):
         self.z_loss_coef = config.z_loss_coef
         self.seq_aux_coef = config.seq_aux_coef
         self.bias_update_speed = config.bias_update_speed
+        self.bias_update_rule = config.bias_update_rule
+        self.bias_recenter = config.bias_recenter
         self.dispatch_impl = config.moe_dispatch
         self.router = nn.Linear(C, E, bias=False)           # u_t . e_i: one score per expert
         self.w_gate = nn.Parameter(torch.empty(E, H, C))
@@ -161,6 +173,8 @@ class MoE(nn.Module):
         # Auxiliary-loss-free balancing bias b_i (DeepSeek-V3 eq. 16). A buffer: saved in checkpoints,
         # never touched by the optimizer; changed only by update_bias().
         self.register_buffer('expert_bias', torch.zeros(E))
+        # on the layer's whole output (routed + shared), as the dense FFN applies it to its output
+        self.dropout = nn.Dropout(config.dropout)
 
     # -- routing ----------------------------------------------------------------
 
@@ -183,16 +197,21 @@ class MoE(nn.Module):
             gates = scores.gather(1, idx)                     # g_{i,t} = s_{i,t} for i in TopK
             if self.score_func == 'sigmoid':
                 gates = gates / gates.sum(-1, keepdim=True)   # V3 eq. 13: normalise over the chosen
+        elif self.top_k == 1:
+            # Switch Transformer (eq. 2): the one expert's gate is its probability under the full softmax, so
+            # the language-model loss reaches the router through it (a softmax over one kept logit is always 1)
+            gates = scores.gather(1, idx)                     # g_t = p_{i,t}, i = argmax
         else:
-            # standard MoE: softmax over the kept logits, i.e. softmax(u_t masked to -inf off the top-k);
-            # the masked entries would contribute exp(-inf) = 0, so softmax of the gathered k is the same
+            # standard top-k MoE (GShard, Mixtral): softmax over the kept logits, i.e. softmax(u_t masked to -inf
+            # off the top-k); the masked entries would contribute exp(-inf) = 0, so softmax of the gathered k is it
             gates = F.softmax(logits.gather(1, idx), dim=-1)
         return gates, idx, scores, logits
 
     # -- dispatch ---------------------------------------------------------------
 
-    def _sort_slots(self, idx: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Order the N*k token-slots by expert. Returns (order, counts, keep).
+    def _sort_slots(self, idx: Tensor, load: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Order the N*k token-slots by expert. load: (E,) slots routed to each expert (expert_load).
+        Returns (order, counts, keep).
 
         order: (N*k,) slot ids (choice-major: slot j*N + t is token t's j-th choice) sorted by expert;
                slots dropped by capacity are moved to the very end.
@@ -204,7 +223,7 @@ class MoE(nn.Module):
         # stable sort: within an expert, first choices come before second choices, and earlier tokens
         # before later ones; that is the priority order in which capacity is filled (GShard)
         order = torch.argsort(flat_expert, stable=True)
-        counts = expert_load(idx, self.n_experts).long()
+        counts = load.long()
         if not capacity:
             return order, counts, None
         starts = counts.cumsum(0) - counts                       # first sorted row of each expert
@@ -214,8 +233,9 @@ class MoE(nn.Module):
         back = torch.argsort((~keep).to(torch.int8), stable=True)
         return order[back], counts.clamp(max=capacity), keep[back]
 
-    def _experts_grouped(self, xs: Tensor, counts: Tensor, keep: Tensor | None) -> Tensor:
-        """All experts in three grouped matmuls. xs (M, C) sorted by expert; counts (E,)."""
+    def _experts_grouped(self, xs: Tensor, gate: Tensor, counts: Tensor, keep: Tensor | None) -> Tensor:
+        """All experts in three grouped matmuls, each row weighted by its gate: g * expert_e(x) for rows xs (M, C)
+        sorted by expert, gate (M,), counts (E,) rows per expert."""
         offs = counts.cumsum(0).to(torch.int32)       # end row of each expert's group
 
         def gmm(a: Tensor, w: Tensor) -> Tensor:      # rows of group e times w[e]^T
@@ -227,27 +247,54 @@ class MoE(nn.Module):
         if keep is not None:
             xs = torch.where(keep[:, None], xs, 0)
         h = F.silu(gmm(xs, self.w_gate)) * gmm(xs, self.w_up)       # (M, C) -> (M, H)
-        out = gmm(h, self.w_down)                                   # (M, H) -> (M, C)
+        out = gated_down(h, gate, lambda h: gmm(h, self.w_down), xs.shape[1])    # (M, H) -> (M, C), times the gates
         return out if keep is None else torch.where(keep[:, None], out, 0)
 
-    def _experts_loop(self, xs: Tensor, counts: Tensor, keep: Tensor | None) -> Tensor:
-        """Reference/fallback: a loop over experts, each on its contiguous slice of rows.
+    def _experts_loop(self, xs: Tensor, gate: Tensor, counts: Tensor, keep: Tensor | None) -> Tensor:
+        """Reference/fallback for _experts_grouped: a loop over experts, each on its contiguous slice of rows.
 
         unbind() gives per-expert views whose backward stacks the gradients once; indexing w[e] in a
         loop would write a full-size zero gradient per expert (see PYTORCH_NOTES.md).
         """
         sizes = counts.tolist()                       # host sync: acceptable on the fallback path only
         sizes.append(xs.shape[0] - sum(sizes))        # dropped slots at the end (0 when dropless)
-        chunks = xs.split(sizes)
-        outs = [F.linear(F.silu(F.linear(xe, wg)) * F.linear(xe, wu), wd)
-                for xe, wg, wu, wd in zip(chunks, self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0))]
+        chunks, gate_chunks = xs.split(sizes), gate.split(sizes)
+        outs = [gated_down(F.silu(F.linear(xe, wg)) * F.linear(xe, wu), ge, lambda h, wd=wd: F.linear(h, wd), xs.shape[1])
+                for xe, ge, wg, wu, wd in zip(chunks, gate_chunks, self.w_gate.unbind(0), self.w_up.unbind(0),
+                                              self.w_down.unbind(0))]
         outs.append(torch.zeros_like(chunks[-1]))     # dropped slots contribute exactly zero
         return torch.cat(outs)
 
-    def dispatch(self, x: Tensor, gates: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """y_t = sum_{i in TopK_t} g_{i,t} * expert_i(x_t), without a loop over tokens.
+    def run_experts(self, x: Tensor, token: Tensor, gate: Tensor, counts: Tensor, keep: Tensor | None) -> Tensor:
+        """The token-slots, grouped by expert, through their experts and back: y_t = sum over t's slots s of
+        gate_s * expert_{e(s)}(x_t). token (M,): the token of each slot, slots sorted by expert, counts (E,) of
+        them per expert (dropped slots, keep False, at the end); gate (M,). x (N, C) -> y (N, C)."""
+        if keep is not None:
+            # dropped slots: weight 0; where, not a product, so that garbage in their rows cannot leak into the
+            # gates' gradient (NaN * 0 is NaN)
+            gate = torch.where(keep, gate, 0)
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):       # cast explicitly: grouped_mm is not autocast
+            dtype = torch.get_autocast_dtype(x.device.type)
+        # index_select, not x[token]: its backward is an index_add_, much cheaper than advanced indexing's
+        xs = x.index_select(0, token).to(dtype)            # (N, C) -> (M, C) gathered, grouped by expert
+        gate = gate.to(dtype)
+        # 'grouped' or 'auto': one grouped matmul where grouped_mm takes this dtype here, else the loop
+        widths = (x.shape[1], self.w_gate.shape[1])         # n_embd, expert_hidden: the matrices' row strides
+        if self.dispatch_impl != 'loop' and grouped_mm_runs(x.device.type, dtype, torch.compiler.is_compiling(), widths):
+            ys = self._experts_grouped(xs, gate, counts, keep)
+        else:
+            ys = self._experts_loop(xs, gate, counts, keep)
+        # combine: add every slot's weighted output into its token's row (index_add_ measured fastest on the CPU,
+        # against gathering back by the inverse permutation and summing over k: bench/RESULTS.md)
+        y = torch.zeros(x.shape[0], x.shape[1], device=x.device, dtype=ys.dtype).index_add_(0, token, ys)
+        return y.to(x.dtype)
 
-        x (N, C), gates/idx (N, k) -> y (N, C) and the number of dropped slots (scalar tensor).
+    def dispatch(self, x: Tensor, gates: Tensor, idx: Tensor, load: Tensor) -> tuple[Tensor, Tensor]:
+        """Token choice: y_t = sum_{i in TopK_t} g_{i,t} * expert_i(x_t), without a loop over tokens.
+
+        x (N, C), gates/idx (N, k), load (E,) slots routed to each expert -> y (N, C) and the number of dropped
+        slots (scalar tensor).
         """
         N, k = idx.shape
         # Dropping happens in training only. Which slots overflow is decided over the whole batch, so with
@@ -255,26 +302,11 @@ class MoE(nn.Module):
         # not the model we mean to evaluate. Evaluation and sampling are dropless (Switch and ST-MoE, too,
         # evaluate at a higher capacity than they train with).
         capacity = expert_capacity(N, self.n_experts, k, self.capacity_factor) if self.training else 0
-        order, counts, keep = self._sort_slots(idx, capacity)
+        order, counts, keep = self._sort_slots(idx, load, capacity)
         token = order % N                                  # slot j*N + t belongs to token t
         gate = gates.t().reshape(-1)[order]                # (N*k,) gate of each sorted slot
-        dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):       # cast explicitly: grouped_mm is not autocast
-            dtype = torch.get_autocast_dtype(x.device.type)
-        # index_select, not x[token]: its backward is an index_add_, much cheaper than advanced indexing's
-        xs = x.index_select(0, token).to(dtype)            # (N, C) -> (N*k, C) gathered, grouped by expert
-        # 'grouped' or 'auto': one grouped matmul where grouped_mm takes this dtype here, else the loop
-        widths = (x.shape[1], self.w_gate.shape[1])         # n_embd, expert_hidden: the matrices' row strides
-        if self.dispatch_impl != 'loop' and grouped_mm_runs(x.device.type, dtype, torch.compiler.is_compiling(), widths):
-            ys = self._experts_grouped(xs, counts, keep)
-        else:
-            ys = self._experts_loop(xs, counts, keep)
-        if keep is not None:
-            gate = gate * keep                              # dropped slots: weight 0 (their rows are 0)
-        ys = ys * gate[:, None].to(ys.dtype)               # g_{i,t} * expert_i(x_t)
-        y = torch.zeros(N, x.shape[1], device=x.device, dtype=ys.dtype).index_add_(0, token, ys)
-        dropped = (N * k - counts.sum()).float()
-        return y.to(x.dtype), dropped
+        y = self.run_experts(x, token, gate, counts, keep)
+        return y, (N * k - counts.sum()).float()
 
     # -- forward ----------------------------------------------------------------
 
@@ -282,9 +314,11 @@ class MoE(nn.Module):
         B, T, C = x.shape
         xf = x.reshape(B * T, C)                           # (B, T, C) -> (N, C)
         gates, idx, scores, logits = self.route(xf)
-        y, dropped = self.dispatch(xf, gates, idx)
+        load = expert_load(idx, self.n_experts)            # (E,) slots routed to each expert, before any dropping
+        y, dropped = self.dispatch(xf, gates, idx, load)
         if self.shared_experts is not None:
             y = y + self.shared_experts(xf)                # shared experts see every token
+        y = self.dropout(y)
         # auxiliary losses, each switched on by its coefficient (0 = off, not computed)
         zero = xf.new_zeros((), dtype=torch.float32)
         losses = {}
@@ -304,7 +338,7 @@ class MoE(nn.Module):
                     + self.seq_aux_coef * losses.get('seq_aux_loss', zero))
         aux = {
             'aux_loss': aux_loss,
-            'expert_counts': expert_load(idx, self.n_experts).detach(),   # routed, before dropping
+            'expert_counts': load.detach(),               # routed: the router's demand, before capacity dropping
             'dropped_frac': (dropped / idx.numel()).detach(),
             **{name: value.detach() for name, value in losses.items()},
         }
@@ -313,13 +347,26 @@ class MoE(nn.Module):
     # -- auxiliary-loss-free balancing -----------------------------------------------
 
     @torch.no_grad()
-    def update_bias(self, counts: Tensor) -> None:
-        """DeepSeek-V3 sec. 2.1.2: b_i += gamma * sign(mean load - load_i), once per optimizer step.
+    def update_bias(self, counts: Tensor, scale: float = 1.0) -> None:
+        """Auxiliary-loss-free balancing, once per optimizer step, with gamma = bias_update_speed * scale:
+            'sign' rule:          b_i += gamma * sign(mean_load - load_i)             (DeepSeek-V3 sec. 2.1.2)
+            'proportional' rule:  b_i += gamma * (mean_load - load_i) / mean_load     (Wang et al. 2024's variant)
+        then, with bias_recenter, b -= mean(b) (as torchtitan and nanochat do). Top-k is unchanged by adding one
+        constant to every bias, so re-centring changes no routing decision; it only keeps the biases from drifting
+        together (the sign rule's steps need not sum to 0).
 
-        counts: (E,) token-slots per expert over the whole step (all micro-steps, summed over DDP
-        ranks first, so that every rank computes the same bias). Overloaded experts get a lower bias
-        and are chosen less; underloaded ones a higher bias. No-op when gamma = 0.
+        counts: (E,) token-slots per expert over the whole step (all micro-steps, summed over DDP ranks first, so
+        that every rank computes the same bias). Overloaded experts get a lower bias and are chosen less,
+        underloaded ones a higher bias. scale: train.py's schedule of gamma (bias_update_schedule). No-op at gamma 0.
         """
-        if self.bias_update_speed > 0:
-            counts = counts.to(self.expert_bias.device, torch.float32)
-            self.expert_bias += self.bias_update_speed * torch.sign(counts.mean() - counts)
+        gamma = self.bias_update_speed * scale
+        if gamma <= 0:
+            return
+        counts = counts.to(self.expert_bias.device, torch.float32)
+        mean = counts.mean()                               # k * tokens / E > 0: every token takes k experts
+        if self.bias_update_rule == 'sign':
+            self.expert_bias += gamma * torch.sign(mean - counts)
+        else:
+            self.expert_bias += gamma * (mean - counts) / mean
+        if self.bias_recenter:
+            self.expert_bias -= self.expert_bias.mean()

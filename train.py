@@ -18,7 +18,6 @@ import gc
 import json
 import math
 import os
-import random
 import sys
 import time
 from contextlib import nullcontext
@@ -74,7 +73,10 @@ aux_loss_coef = 0.0
 balance_loss_coef = 0.0
 z_loss_coef = 0.0
 seq_aux_coef = 0.0
-bias_update_speed = 0.0
+bias_update_speed = 0.0      # gamma of auxiliary-loss-free balancing; 0 = off
+bias_update_rule = 'sign'    # 'sign' (DeepSeek-V3) | 'proportional' (Wang et al. 2024)
+bias_recenter = False        # re-centre the biases to mean 0 after each update (changes no routing decision)
+bias_update_schedule = 'constant'  # 'constant' gamma | 'lr': full gamma through the warmup, then decayed as the LR is
 moe_dispatch = 'auto'        # 'auto' (grouped where F.grouped_mm is fast, see runtime.choose_runtime) | 'grouped' | 'loop'
 # optim: AdamW, linear warmup then cosine decay to min_lr
 learning_rate = 1e-3
@@ -119,6 +121,8 @@ def check_settings(s: dict) -> None:
         raise ValueError(f"warmup_iters={s['warmup_iters']} must be smaller than lr_decay_iters={s['lr_decay_iters']} "
                          f"(warm up, then decay until lr_decay_iters); lower --warmup_iters or raise --lr_decay_iters "
                          f"(usually = max_iters), or set --decay_lr=False")
+    if s['bias_update_schedule'] not in ('constant', 'lr'):
+        raise ValueError(f"bias_update_schedule must be 'constant' or 'lr', got {s['bias_update_schedule']!r}")
     if s['init_from'] not in ('scratch', 'resume'):
         raise ValueError(f"init_from must be 'scratch' or 'resume', got {s['init_from']!r}")
 
@@ -165,6 +169,15 @@ def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int
     return min_lr + coeff * (learning_rate - min_lr)
 
 
+def bias_update_scale(schedule: str, it: int, lr: float, learning_rate: float, warmup_iters: int) -> float:
+    """The factor on the balancing speed gamma at step it. 'constant': 1. 'lr': 1 through the warmup, then the
+    learning rate's own decay lr / learning_rate: large steps early, when the routing is far from balanced, small
+    ones late, when a large step only makes the load oscillate (DeepSeek-V3 even sets gamma to 0 at the end)."""
+    if schedule == 'constant' or it < warmup_iters:
+        return 1.0
+    return lr / learning_rate
+
+
 def get_batch(data: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator,
               device: str = 'cpu') -> tuple[torch.Tensor, torch.Tensor]:
     """batch_size windows at random offsets drawn from rng."""
@@ -176,6 +189,13 @@ def sampler(seed: int, rank: int, iter_num: int) -> np.random.Generator:
     state is those three numbers, so a resumed run draws exactly the batches the uninterrupted run would,
     on every DDP rank, without saving generator states."""
     return np.random.default_rng([seed, rank, iter_num])
+
+
+def step_seed(seed: int, rank: int, iter_num: int) -> int:
+    """The torch seed of one optimizer step on one rank (dropout masks, on the CPU and the GPU), set before the
+    step's first micro-step: like the sampler a function of (seed, rank, iteration), so a resumed run, on every
+    DDP rank, draws the masks the uninterrupted run would, and the checkpoint needs no generator state."""
+    return int(np.random.default_rng([seed, rank, iter_num, 1]).integers(2 ** 63))
 
 
 def save_checkpoint(checkpoint: dict, path: str) -> None:
@@ -220,8 +240,7 @@ if __name__ == '__main__':
         ckpt_path = os.path.join(config['out_dir'], 'ckpt.pt')
         if config['init_from'] == 'resume':
             checkpoint = read_checkpoint(ckpt_path)
-            missing = [k for k in ('optimizer', 'iter_num', 'best_val_loss', 'torch_rng_state', 'numpy_rng_state',
-                                   'python_rng_state') if k not in checkpoint]
+            missing = [k for k in ('optimizer', 'iter_num', 'best_val_loss') if k not in checkpoint]
             if missing:
                 raise ValueError(f"{ckpt_path} lacks {missing} and cannot be resumed (sample.py can still use it)")
             config = resume_settings(checkpoint.get('config', {}), checkpoint['model_args'], sys.argv[1:], config['out_dir'])
@@ -257,8 +276,7 @@ if __name__ == '__main__':
         rank, world_size = 0, 1
     master = rank == 0
     tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
-    torch.manual_seed(seed + rank)
-    random.seed(seed + rank)
+    torch.manual_seed(seed)              # the initial weights (DDP then copies rank 0's to every rank)
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -278,18 +296,15 @@ if __name__ == '__main__':
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     model.to(device, dtype=torch.float64 if dtype == 'float64' else None)
-    iter_num, best_val_loss, scaler_state = 0, float('inf'), None
+    iter_num, best_val_loss, scaler_state, tokens_seen = 0, float('inf'), None, 0
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
     if checkpoint is not None:
         load_optimizer_state(optimizer, checkpoint['optimizer'])
         iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+        # the tokens trained on so far: a resume may change the batch size, so they are counted, not derived
+        tokens_seen = checkpoint.get('tokens_seen', iter_num * tokens_per_iter)
         if 'scaler' in checkpoint and runtime.grad_scaler:
             scaler_state = checkpoint['scaler']
-        torch.set_rng_state(checkpoint['torch_rng_state'].cpu())
-        np.random.set_state(checkpoint['numpy_rng_state'])
-        random.setstate(checkpoint['python_rng_state'])
-        if device_type == 'cuda' and checkpoint.get('cuda_rng_state') is not None:
-            torch.cuda.set_rng_state(checkpoint['cuda_rng_state'].cpu())
         checkpoint = None                                       # free memory
     scaler = torch.amp.GradScaler(device_type, enabled=runtime.grad_scaler)     # float16: loss scaling
     if scaler_state:
@@ -334,8 +349,18 @@ if __name__ == '__main__':
             wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row['iter'])
 
     def stop(message: str) -> None:
+        """End this process with the message. Under DDP every rank calls it at the same point (the decision is
+        shared first: agreed(), the all-reduced step loss), so no rank is left waiting in a collective."""
         sys.exit(f"error: {message}; stopping. The last good checkpoint (if any) is untouched in {ckpt_path}; "
                  f"try a lower learning_rate or grad_clip")
+
+    def agreed(message: str) -> str:
+        """Under DDP, rank 0's verdict of an evaluation ('' = go on) for every rank: only rank 0 evaluates."""
+        if ddp:
+            box = [message]
+            dist.broadcast_object_list(box, src=0)
+            message = box[0]
+        return message
 
     if master:
         os.makedirs(out_dir, exist_ok=True)
@@ -358,9 +383,9 @@ if __name__ == '__main__':
     eval_counts = torch.zeros(counts_shape, device=device)
     eval_maxvio, eval_dropped, eval_steps = torch.zeros(moe_layers, device=device), torch.zeros(moe_layers, device=device), 0
     t_start = time.time()
-    t_last_eval, iter_last_eval = time.time(), iter_num
+    t_last_eval, iter_last_eval, tokens_last_eval = time.time(), iter_num, tokens_seen
     resumed_at = iter_num if init_from == 'resume' else -1
-    t0 = time.time()
+    t0, iter_t0 = time.time(), iter_num               # the log window: ms/iter = time since t0 / steps since iter_t0
     # the run-time estimate: iterations [first_iter + 1, first_iter + 4) of this process, after one warm-up
     first_iter, t_timed, eval_s = iter_num, None, None
     while True:
@@ -368,59 +393,67 @@ if __name__ == '__main__':
         for group in optimizer.param_groups:
             group['lr'] = lr
 
-        # evaluate and checkpoint, every eval_interval and at the end (not again right after a resume)
+        # evaluate and checkpoint, every eval_interval and at the end (not again right after a resume); rank 0
+        # evaluates, and every rank learns its verdict
         last = iter_num >= max_iters
-        if (iter_num % eval_interval == 0 or last) and master and (iter_num != resumed_at or eval_only):
-            elapsed = time.time() - t_last_eval
-            losses, val_counts = estimate_loss()
-            if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
-                stop(f"non-finite loss at the evaluation of iteration {iter_num} (train {losses['train']}, "
-                     f"val {losses['val']}); nothing was saved")
-            row = {'type': 'eval', 'iter': iter_num, 'tokens': iter_num * tokens_per_iter,
-                   'train_loss': round(losses['train'], 5), 'val_loss': round(losses['val'], 5), 'lr': lr,
-                   'elapsed_s': round(time.time() - t_start, 2),
-                   'tokens_per_s': round((iter_num - iter_last_eval) * tokens_per_iter / elapsed, 1) if iter_num > iter_last_eval else None}
-            if peak_flops and iter_num > iter_last_eval:
-                row['mfu'] = round(raw_model.estimate_mfu(batch_size * gradient_accumulation_steps,
-                                                          elapsed / (iter_num - iter_last_eval), peak_flops), 4)
-            if moe_layers:
-                # Wang et al. 2024 / DeepSeek-V3: MaxVio_global on the validation batches of this eval, per layer
-                row['maxvio_global'] = rounded(max_vio(val_counts))
-                row['val_expert_counts'] = val_counts.tolist()
-                if eval_steps:            # the training steps since the last eval
-                    row['expert_counts'] = eval_counts.tolist()
-                    row['maxvio_batch'] = rounded(eval_maxvio / eval_steps)     # mean of the per-step MaxVio
-                    row['dropped_frac'] = rounded(eval_dropped / eval_steps, 5)
-            write_metrics(row)
-            print(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                  + (f", maxvio_global {np.mean(row['maxvio_global']):.3f}" if moe_layers else "")
-                  + (f", maxvio_batch {np.mean(row['maxvio_batch']):.3f}" if 'maxvio_batch' in row else ""))
+        if (iter_num % eval_interval == 0 or last) and (iter_num != resumed_at or eval_only):
+            failure, save = '', False
+            if master:
+                elapsed = time.time() - t_last_eval
+                losses, val_counts = estimate_loss()
+                save = (losses['val'] < best_val_loss or always_save_checkpoint or last) and not eval_only and iter_num > 0
+                if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
+                    failure = (f"non-finite loss at the evaluation of iteration {iter_num} (train {losses['train']}, "
+                               f"val {losses['val']}); nothing was saved")
+                elif save and not all_finite(raw_model.state_dict().values()):
+                    failure = f"non-finite weights at iteration {iter_num}; nothing was saved"
+            failure = agreed(failure)
+            if failure:
+                stop(failure)
+            if master:
+                row = {'type': 'eval', 'iter': iter_num, 'tokens': tokens_seen,
+                       'train_loss': round(losses['train'], 5), 'val_loss': round(losses['val'], 5), 'lr': lr,
+                       'elapsed_s': round(time.time() - t_start, 2),
+                       'tokens_per_s': round((tokens_seen - tokens_last_eval) / elapsed, 1) if iter_num > iter_last_eval else None}
+                if eval_only:
+                    row['eval_only'] = True       # a look at a checkpoint, not part of the run's own curve
+                if peak_flops and iter_num > iter_last_eval:
+                    row['mfu'] = round(raw_model.estimate_mfu(batch_size * gradient_accumulation_steps,
+                                                              elapsed / (iter_num - iter_last_eval), peak_flops), 4)
+                if moe_layers:
+                    # Wang et al. 2024 / DeepSeek-V3: MaxVio_global on the validation batches of this eval, per layer
+                    row['maxvio_global'] = rounded(max_vio(val_counts))
+                    row['val_expert_counts'] = val_counts.tolist()
+                    if eval_steps:            # the training steps since the last eval
+                        row['expert_counts'] = eval_counts.tolist()
+                        row['maxvio_batch'] = rounded(eval_maxvio / eval_steps)     # mean of the per-step MaxVio
+                        row['dropped_frac'] = rounded(eval_dropped / eval_steps, 5)
+                write_metrics(row)
+                print(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                      + (f", maxvio_global {np.mean(row['maxvio_global']):.3f}" if moe_layers else "")
+                      + (f", maxvio_batch {np.mean(row['maxvio_batch']):.3f}" if 'maxvio_batch' in row else ""))
+                # the checkpoint holds the best model so far, and the last one at the end (to resume from);
+                # an eval_only run only looks. Tensors, numbers, strings, lists and dicts only: it loads with
+                # torch.load(weights_only=True), so opening one never runs code (model.read_checkpoint)
+                if save:
+                    best_val_loss = min(best_val_loss, losses['val'])
+                    save_checkpoint({
+                        'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                        'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
+                        'tokens_seen': tokens_seen, 'config': config, 'config_files': run_files,
+                        'scaler': scaler.state_dict(),
+                        'sampler': {'seed': seed, 'iter_num': iter_num},   # see sampler() and step_seed()
+                    }, ckpt_path)
+                if not (compile and iter_num == first_iter):          # the first compiled eval also compiles
+                    eval_s = time.time() - t_last_eval - elapsed
+                t_last_eval, iter_last_eval, tokens_last_eval = time.time(), iter_num, tokens_seen
+                t0, iter_t0 = time.time(), iter_num                  # keep eval time out of ms/iter
+                if t_timed is not None:
+                    t_timed += eval_s                                # nor in the run-time estimate
             eval_counts.zero_()
             eval_maxvio.zero_()
             eval_dropped.zero_()
             eval_steps = 0
-            # the checkpoint holds the best model so far, and the last one at the end (to resume from);
-            # an eval_only run only looks
-            if (losses['val'] < best_val_loss or always_save_checkpoint or last) and not eval_only:
-                if not all_finite(raw_model.state_dict().values()):
-                    stop(f"non-finite weights at iteration {iter_num}; nothing was saved")
-                best_val_loss = min(best_val_loss, losses['val'])
-                if iter_num > 0:
-                    save_checkpoint({
-                        'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
-                        'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-                        'config': config, 'config_files': run_files, 'scaler': scaler.state_dict(),
-                        'sampler': {'seed': seed, 'iter_num': iter_num},   # see sampler()
-                        'torch_rng_state': torch.get_rng_state(), 'numpy_rng_state': np.random.get_state(),
-                        'python_rng_state': random.getstate(),
-                        'cuda_rng_state': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
-                    }, ckpt_path)
-            if not (compile and iter_num == first_iter):          # the first compiled eval also compiles
-                eval_s = time.time() - t_last_eval - elapsed
-            t_last_eval, iter_last_eval = time.time(), iter_num
-            t0 = time.time()                                     # keep eval time out of ms/iter
-            if t_timed is not None:
-                t_timed += eval_s                                # nor in the run-time estimate
         if eval_only:
             break
         if last:
@@ -429,7 +462,9 @@ if __name__ == '__main__':
         # one optimizer step = gradient_accumulation_steps micro-steps
         step_counts = torch.zeros(counts_shape, device=device)
         step_dropped = torch.zeros(moe_layers, device=device)
+        step_losses = torch.zeros(3, device=device)            # the step's mean cross-entropy, aux loss, objective
         rng = sampler(seed, rank, iter_num)
+        torch.manual_seed(step_seed(seed, rank, iter_num))     # this step's dropout masks
         for micro_step in range(gradient_accumulation_steps):
             X, Y = get_batch(data['train'], batch_size, block_size, rng, device)
             # DDP: all-reduce the gradients only on the last micro-step
@@ -438,9 +473,14 @@ if __name__ == '__main__':
                 _, loss, aux = model(X, Y, return_aux=True)
                 loss = loss / gradient_accumulation_steps        # the mean over micro-steps
             scaler.scale(loss).backward()
+            step_losses += torch.stack([aux['ce_loss'].detach().float(), aux['aux_loss'].detach().float(),
+                                        loss.detach().float() * gradient_accumulation_steps]) / gradient_accumulation_steps
             step_counts += aux['expert_counts']
             step_dropped += aux['dropped_frac'] / gradient_accumulation_steps
-        lossf, objective = torch.stack([aux['ce_loss'], loss]).tolist()   # one host sync per step: stop on NaN at once
+        if ddp:          # the mean over all ranks; a NaN on any rank reaches every rank, so all stop together
+            dist.all_reduce(step_losses)
+            step_losses /= world_size
+        lossf, aux_lossf, objective = step_losses.tolist()      # one host sync per step: stop on NaN at once
         if not (math.isfinite(lossf) and math.isfinite(objective)):
             stop(f"non-finite loss at iteration {iter_num} (lr {lr:.2e})")
         if grad_clip > 0:
@@ -455,7 +495,8 @@ if __name__ == '__main__':
                 dist.all_reduce(step_counts)
                 dist.all_reduce(step_dropped)
                 step_dropped /= world_size                       # the dropped share of the whole step
-            raw_model.update_moe_biases(step_counts)
+            raw_model.update_moe_biases(step_counts, bias_update_scale(bias_update_schedule, iter_num, lr,
+                                                                       learning_rate, warmup_iters))
             step_maxvio = max_vio(step_counts)             # MaxVio_batch of this step (all ranks), per layer
             eval_counts += step_counts
             eval_maxvio += step_maxvio
@@ -463,6 +504,7 @@ if __name__ == '__main__':
             eval_steps += 1
 
         iter_num += 1
+        tokens_seen += tokens_per_iter
         if master and iter_num == first_iter + 1:
             t_timed = time.time()
         if master and iter_num == first_iter + 4 and iter_num < max_iters:
@@ -478,10 +520,10 @@ if __name__ == '__main__':
             print(line)
         if iter_num % log_interval == 0 and master:
             t1 = time.time()
-            dt = (t1 - t0) / log_interval
-            t0 = t1
-            row = {'type': 'train', 'iter': iter_num, 'tokens': iter_num * tokens_per_iter, 'loss': round(lossf, 5),
-                   'aux_loss': round(aux['aux_loss'].item(), 6), 'lr': lr, 'ms_per_iter': round(1000 * dt, 2),
+            dt = (t1 - t0) / (iter_num - iter_t0)            # the steps timed: an eval or a resume may start a window
+            t0, iter_t0 = t1, iter_num
+            row = {'type': 'train', 'iter': iter_num, 'tokens': tokens_seen, 'loss': round(lossf, 5),
+                   'aux_loss': round(aux_lossf, 6), 'lr': lr, 'ms_per_iter': round(1000 * dt, 2),
                    'tokens_per_s': round(tokens_per_iter / dt, 1)}
             line = (f"iter {iter_num}/{max_iters}: loss {lossf:.4f}, {1000 * dt:.1f} ms/iter, {tokens_per_iter / dt:,.0f} tok/s, "
                     f"eta {duration(dt * (max_iters - iter_num))}")
@@ -496,8 +538,6 @@ if __name__ == '__main__':
                     line += f", dropped {100 * step_dropped.mean().item():.1f}%"
             write_metrics(row)
             print(line)
-        elif iter_num % log_interval == 0:
-            t0 = time.time()
 
     # -------------------------------------------------------------------------
     # the end: expert selection on a fixed validation batch (the comparison's histograms), dropless

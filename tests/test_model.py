@@ -43,12 +43,47 @@ def test_forward_shapes_and_initial_loss(kind):
     assert logits.shape == (3, 1, 256) and loss is None
 
 
-def test_aux_losses_weighted_by_their_coefficients():
-    model = tiny('moe')
+def test_aux_losses_weighted_by_their_coefficients_and_averaged_over_layers():
+    """aux_loss = sum_j coef_j * (mean over MoE layers of loss_j): a coefficient means the same at any depth
+    (the sum over layers made balance_loss_coef=0.01 act as 0.03 in these 3 layers)."""
+    model = tiny('moe', n_layer=3)
     idx = torch.randint(0, 256, (2, 16))
+    per_layer = []
+    hooks = [m.register_forward_hook(lambda mod, i, out: per_layer.append(out[1])) for m in model.moe_layers()]
     _, _, aux = model(idx, idx, return_aux=True)
-    expected = (0.01 * aux['importance_loss'] + 0.01 * aux['balance_loss'] + 0.001 * aux['z_loss']) * 2  # 2 layers
+    for h in hooks:
+        h.remove()
+    assert len(per_layer) == 3
+    by_hand = sum(0.01 * a['importance_loss'] + 0.01 * a['balance_loss'] + 0.001 * a['z_loss'] for a in per_layer) / 3
+    torch.testing.assert_close(aux['aux_loss'], by_hand)
+    expected = 0.01 * aux['importance_loss'] + 0.01 * aux['balance_loss'] + 0.001 * aux['z_loss']   # logged: layer means
     torch.testing.assert_close(aux['aux_loss'], expected)
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_dropout_reaches_every_ffn_output(kind):
+    """dropout applies to the FFN layer's output, the MoE's routed experts included (it once reached only the
+    dense FFN and DeepSeekMoE's shared experts): in training two calls differ, in eval they do not."""
+    ffn = tiny(kind, dropout=0.5).transformer.h[0].ffn
+    x = torch.randn(2, 16, 32)
+    a, b = ffn(x)[0], ffn(x)[0]
+    assert (a - b).abs().max() > 1e-3
+    assert ((a == 0).float().mean() - 0.5).abs() < 0.1       # about half of the outputs zeroed
+    ffn.eval()
+    torch.testing.assert_close(ffn(x)[0], ffn(x)[0])
+
+
+def test_top1_standard_moe_is_a_switch_layer_whose_router_learns():
+    """At top_k=1 the gate is the chosen expert's full-softmax probability (Switch Transformer), so the language-
+    model loss alone reaches the router; a softmax over one kept logit would be 1 and leave it without gradient."""
+    model = tiny('moe', top_k=1, capacity_factor=0.0, balance_loss_coef=0.0, z_loss_coef=0.0, aux_loss_coef=0.0)
+    idx = torch.randint(0, 256, (2, 16))
+    _, loss = model(idx, idx)
+    loss.backward()
+    router = model.moe_layers()[0].router.weight
+    assert router.grad is not None and router.grad.norm() > 1e-4
+    gates, chosen, scores, _ = model.moe_layers()[0].route(torch.randn(8, 32))
+    torch.testing.assert_close(gates, scores.gather(1, chosen))
 
 
 def test_n_dense_layers_keeps_first_blocks_dense():

@@ -116,7 +116,9 @@ def naive_moe(layer: MoE, x: torch.Tensor) -> torch.Tensor:
         u = W @ xs[t]
         s = torch.sigmoid(u) if layer.score_func == 'sigmoid' else torch.softmax(u, 0)
         sel = sorted(range(E), key=lambda e: -(s[e] + layer.expert_bias[e]).item())[:k]
-        if not layer.deepseek:
+        if not layer.deepseek and k == 1:
+            g = torch.softmax(u, 0)[sel]                              # Switch: the full softmax's probability
+        elif not layer.deepseek:
             g = torch.exp(u[sel]) / torch.exp(u[sel]).sum()           # softmax over the kept logits
         elif layer.score_func == 'sigmoid':
             g = s[sel] / s[sel].sum()
@@ -260,7 +262,7 @@ def test_capacity_never_exceeded_and_dropped_slots_are_zero():
     assert (idx == 0).all()
     capacity = expert_capacity(8, 4, 1, 1.0)
     assert capacity == 2
-    order, counts, keep = layer._sort_slots(idx, capacity)
+    order, counts, keep = layer._sort_slots(idx, expert_load(idx, 4), capacity)
     assert counts.max().item() <= capacity and keep.sum().item() == 2
     y, aux = layer(x)
     assert y[0, :2].abs().sum() > 0                # the first two tokens are processed
@@ -275,7 +277,10 @@ def test_topk_picks_distinct_experts_and_valid_gates():
         gates, idx, scores, _ = layer.route(torch.randn(50, 16))
         assert all(len(set(row)) == layer.top_k for row in idx.tolist())
         assert (gates >= 0).all()
-        if not layer.deepseek or layer.score_func == 'sigmoid':
+        if not layer.deepseek and layer.top_k == 1:     # Switch: the chosen expert's full-softmax probability
+            torch.testing.assert_close(gates[:, 0], scores.max(-1).values)
+            assert (gates < 1).all()
+        elif not layer.deepseek or layer.score_func == 'sigmoid':
             torch.testing.assert_close(gates.sum(-1), torch.ones(50))
 
 
@@ -309,6 +314,28 @@ def test_one_bias_update_moves_by_gamma():
     assert off.expert_bias.abs().sum().item() == 0.0
 
 
+def test_proportional_rule_recentring_and_scale_by_hand():
+    counts = torch.tensor([10.0, 2.0, 4.0, 4.0])                    # mean 5: (mean - load) / mean = (-1, 0.6, 0.2, 0.2)
+    prop = make_layer(ffn_type='deepseek_moe', n_experts=4, top_k=1, bias_update_speed=0.01,
+                      bias_update_rule='proportional')
+    prop.update_bias(counts)
+    assert prop.expert_bias.tolist() == pytest.approx([-0.01, 0.006, 0.002, 0.002])
+    prop.update_bias(counts, scale=0.5)                              # the schedule halves gamma
+    assert prop.expert_bias.tolist() == pytest.approx([-0.015, 0.009, 0.003, 0.003])
+    # sign rule, re-centred: steps (-1, 1, 1, 1) * 0.01, minus their mean 0.005
+    centred = make_layer(ffn_type='deepseek_moe', n_experts=4, top_k=1, bias_update_speed=0.01, bias_recenter=True)
+    centred.update_bias(counts)
+    assert centred.expert_bias.tolist() == pytest.approx([-0.015, 0.005, 0.005, 0.005])
+    assert centred.expert_bias.sum().item() == pytest.approx(0.0, abs=1e-9)
+    # re-centring shifts every bias by one constant: top-k, hence the routing, is the same as without it
+    plain = make_layer(ffn_type='deepseek_moe', n_experts=4, top_k=1, bias_update_speed=0.01)
+    plain.update_bias(counts)
+    x = torch.randn(64, 16)
+    assert torch.equal(plain.route(x)[1], centred.route(x)[1])
+    with pytest.raises(ValueError, match='bias_update_rule must be sign|proportional'):
+        make_layer(ffn_type='deepseek_moe', bias_update_rule='linear')
+
+
 def test_repeated_bias_updates_balance_a_skewed_router():
     layer = make_layer(ffn_type='deepseek_moe', n_experts=8, top_k=2, score_func='sigmoid',
                        bias_update_speed=0.01)
@@ -337,7 +364,8 @@ def test_shared_experts_see_every_token():
     y, _ = layer(x)
     assert seen[0].shape == (15, 16) and torch.equal(seen[0], x.view(15, 16))
     # and the layer output is routed part + shared part for every token
-    routed, _ = layer.dispatch(x.view(15, 16), *layer.route(x.view(15, 16))[:2])
+    gates, idx = layer.route(x.view(15, 16))[:2]
+    routed, _ = layer.dispatch(x.view(15, 16), gates, idx, expert_load(idx, 8))
     torch.testing.assert_close(y.view(15, 16), routed + layer.shared_experts(x.view(15, 16)))
 
 

@@ -68,6 +68,14 @@ def test_get_lr_by_hand():
     assert get_lr(500, **args) == pytest.approx(0.1)          # floor after the decay
 
 
+def test_bias_update_scale_by_hand():
+    from train import bias_update_scale
+    assert bias_update_scale('constant', 500, 1e-4, 1e-3, 50) == 1.0
+    assert bias_update_scale('lr', 10, 2e-4, 1e-3, 50) == 1.0            # full strength through the warmup
+    assert bias_update_scale('lr', 500, 5e-4, 1e-3, 50) == pytest.approx(0.5)   # then the LR's decay
+    assert bias_update_scale('lr', 5000, 1e-4, 1e-3, 50) == pytest.approx(0.1)
+
+
 def test_duration_for_people():
     assert [duration(s) for s in (0.4, 45, 750, 12_000, 425_000)] == ['0s', '45s', '12m30s', '3h20m', '4d22h']
 
@@ -90,6 +98,7 @@ def test_get_lr_never_divides_by_zero():
     (dict(learning_rate=0.0), 'learning_rate=0.0 must be > 0'),
     (dict(beta2=1.0), 'beta2=1.0 must be in'),
     (dict(init_from='resum'), "init_from must be 'scratch' or 'resume'"),
+    (dict(bias_update_schedule='cosine'), "bias_update_schedule must be 'constant' or 'lr'"),
 ])
 def test_check_settings_names_the_problem(change, message):
     check_settings(DEFAULTS)                                      # the defaults are fine
@@ -372,14 +381,23 @@ def test_maxvio_batch_and_global_as_the_papers_define_them(data_dir, tmp_path):
             # eval rows: the mean over the steps since the last eval of each step's own MaxVio
             per_step = [train[i]['maxvio_batch'][layer] for i in steps]
             assert e['maxvio_batch'][layer] == pytest.approx(np.mean(per_step), abs=2e-4)
-            # not the MaxVio of the counts summed over those steps, which is never larger (a max of a sum is
-            # at most the sum of the maxima) and equal only if one expert is the busiest at every step
-            summed = max_vio(torch.tensor(e['expert_counts'][layer])).item()
-            assert summed <= e['maxvio_batch'][layer] + 1e-4
+            # every token-slot of those steps: 5 steps of 8 x 32 tokens, top-2
+            assert sum(e['expert_counts'][layer]) == 5 * 8 * 32 * 2
             # MaxVio_global: on the validation batches of this eval, every token-slot counted
             counts = torch.tensor(e['val_expert_counts'][layer])
             assert counts.sum().item() == 4 * 8 * 32 * 2
             assert e['maxvio_global'][layer] == pytest.approx(max_vio(counts).item(), abs=1e-4)
+    # an eval after every step: each eval row's expert_counts are exactly one step's, so its maxvio_batch must be
+    # their MaxVio (computed here from the logged counts, independently of train.py)
+    out1 = tmp_path / 'every'
+    run(['train.py', 'config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out1}', '--max_iters=6',
+         '--eval_interval=1', '--eval_iters=1', '--lr_decay_iters=10', '--log_interval=1'])
+    per_step = [e for e in evals(out1) if 'maxvio_batch' in e]
+    assert len(per_step) == 6
+    for e in per_step:
+        for layer in range(2):
+            step = max_vio(torch.tensor(e['expert_counts'][layer])).item()
+            assert e['maxvio_batch'][layer] == pytest.approx(step, abs=1e-4)
 
 
 def test_diverged_eval_never_replaces_a_good_checkpoint(data_dir, tmp_path):
@@ -537,3 +555,111 @@ def test_sample_prints_prompt_and_continuation(tmp_path, gpt2):
     assert p.returncode == 0 and len(p.stdout.split('---------------\n')) == 2
     p = run(['sample.py', f'--out_dir={tmp_path / "nowhere"}'], check=False)
     assert p.returncode != 0 and 'not found' in p.stderr and 'Traceback' not in p.stderr
+
+
+# -----------------------------------------------------------------------------
+# every number right: timing windows, accumulated losses, token counts, DDP resume and stop
+
+
+def test_train_rows_time_the_steps_they_cover(data_dir, tmp_path):
+    """With an eval inside a log window, the window's time covers only the steps since the eval: ms/iter must
+    divide by those steps, not by log_interval. The train row at 10 and the eval row at 10 then time the same
+    5 steps and agree; dividing by 10 made the train rows claim twice the speed."""
+    out = tmp_path / 'out'
+    run(['train.py', 'config/dense.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=40',
+         '--eval_interval=5', '--log_interval=10', '--lr_decay_iters=40', '--eval_iters=1'])
+    rows = metrics(out)
+    train = {r['iter']: r for r in rows if r['type'] == 'train'}
+    ev = {r['iter']: r for r in rows if r['type'] == 'eval'}
+    ratios = [train[i]['tokens_per_s'] / ev[i]['tokens_per_s'] for i in (10, 20, 30, 40)]
+    assert all(0.7 < r < 1.4 for r in ratios), ratios
+
+
+def test_logged_loss_is_the_mean_over_micro_steps(data_dir, tmp_path):
+    """gradient_accumulation_steps=4 of 2 sequences draws the same 8 windows as one micro-step of 8 (the sampler
+    is one stream), so the step's mean loss is the same; the last micro-step's alone is not."""
+    common = ['train.py', 'config/dense.py', *TINY, f'--data_dir={data_dir}', '--max_iters=3', '--eval_interval=3',
+              '--lr_decay_iters=10', '--log_interval=1']
+    run([*common, f'--out_dir={tmp_path / "one"}', '--batch_size=8'])
+    run([*common, f'--out_dir={tmp_path / "four"}', '--batch_size=2', '--gradient_accumulation_steps=4'])
+    one = [r['loss'] for r in metrics(tmp_path / 'one') if r['type'] == 'train']
+    four = [r['loss'] for r in metrics(tmp_path / 'four') if r['type'] == 'train']
+    assert len(one) == len(four) == 3
+    assert four == pytest.approx(one, abs=2e-4)
+
+
+def test_a_nan_in_the_first_micro_step_stops_that_step(data_dir, tmp_path, monkeypatch, capsys):
+    """The check covers the whole step's loss, not only the last micro-step's: a NaN in micro-step 0 of
+    iteration 2 stops the run at iteration 2, before its update is applied."""
+    import runpy
+    import model as model_module
+    calls = {'n': 0}
+    forward = model_module.GPT.forward
+
+    def poisoned(self, idx, targets=None, return_aux=False):
+        out = forward(self, idx, targets, return_aux)
+        if self.training:
+            calls['n'] += 1
+            if calls['n'] == 5:                      # 2 micro-steps a step: iterations 0, 1, then 2's first
+                logits, loss, aux = out
+                return logits, loss * float('nan'), {**aux, 'ce_loss': aux['ce_loss'] * float('nan')}
+        return out
+    monkeypatch.setattr(model_module.GPT, 'forward', poisoned)
+    monkeypatch.setattr(sys, 'argv', ['train.py', 'config/dense.py', *TINY, f'--data_dir={data_dir}',
+                                      f'--out_dir={tmp_path / "out"}', '--max_iters=10', '--eval_interval=10',
+                                      '--lr_decay_iters=10', '--gradient_accumulation_steps=2'])
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(REPO, 'train.py'), run_name='__main__')
+    assert 'non-finite loss at iteration 2 ' in str(e.value), e.value
+
+
+def test_tokens_are_counted_across_a_resume_that_changes_the_batch(data_dir, tmp_path):
+    out = tmp_path / 'out'
+    common = ['train.py', 'config/dense.py', *TINY, f'--data_dir={data_dir}', '--eval_interval=10', '--lr_decay_iters=20']
+    run([*common, f'--out_dir={out}', '--max_iters=10'])
+    run(['train.py', f'--out_dir={out}', '--init_from=resume', '--max_iters=20', '--batch_size=4'])
+    ev = {r['iter']: r for r in evals(out)}
+    assert ev[10]['tokens'] == 10 * 8 * 32
+    assert ev[20]['tokens'] == 10 * 8 * 32 + 10 * 4 * 32          # not 20 steps of the batch of now
+    train = {r['iter']: r for r in metrics(out) if r['type'] == 'train'}
+    assert train[15]['tokens'] == 10 * 8 * 32 + 5 * 4 * 32
+
+
+def torchrun(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    """2 gloo processes; gradient_accumulation_steps=2 (the global count: one micro-step per rank)."""
+    return run(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *args,
+                '--gradient_accumulation_steps=2'], check=check, timeout=600)
+
+
+def test_ddp_resume_with_dropout_is_exact(data_dir, tmp_path):
+    """Every rank's dropout masks come from (seed, rank, iteration), so a resumed 2-process run with dropout
+    equals the uninterrupted one; the checkpoint once held rank 0's RNG state, which every rank then loaded."""
+    common = ['train.py', 'config/deepseek_moe.py', *TINY, f'--data_dir={data_dir}', '--eval_interval=10',
+              '--lr_decay_iters=30', '--dropout=0.1']
+    torchrun([*common, f'--out_dir={tmp_path / "a"}', '--max_iters=30'])
+    torchrun([*common, f'--out_dir={tmp_path / "b"}', '--max_iters=20', '--always_save_checkpoint=True'])
+    torchrun(['train.py', f'--out_dir={tmp_path / "b"}', '--max_iters=30', '--init_from=resume'])
+    a, b = evals(tmp_path / 'a'), evals(tmp_path / 'b')
+    assert [r['iter'] for r in b] == [0, 10, 20, 30]
+    for ra, rb in zip(a, b):
+        assert rb['val_loss'] == pytest.approx(ra['val_loss'], abs=1e-4)
+        assert rb['train_loss'] == pytest.approx(ra['train_loss'], abs=1e-4)
+
+
+def test_ddp_non_finite_loss_stops_every_rank(data_dir, tmp_path):
+    """Under DDP a non-finite loss must end every rank with the message: in a step (every rank sees the
+    all-reduced loss) and at an evaluation (rank 0 evaluates and tells the others). No rank may be left waiting
+    in a collective (the timeout would catch a hang)."""
+    out = tmp_path / 'out'
+    common = ['train.py', 'config/dense.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}',
+              '--eval_interval=10', '--always_save_checkpoint=True', '--grad_clip=0', '--lr_decay_iters=40']
+    torchrun([*common, '--max_iters=10'])
+    before = (out / 'ckpt.pt').read_bytes()
+    # the update of step 10 blows the weights up; the eval at 11 (the last) sees NaN on rank 0
+    p = torchrun([*common, '--max_iters=11', '--init_from=resume', '--learning_rate=1e30', '--warmup_iters=0'], check=False)
+    assert p.returncode != 0 and p.stderr.count('non-finite loss at the evaluation of iteration 11') == 2, p.stderr
+    # a step whose loss is non-finite: both ranks stop at the same iteration
+    p = torchrun([*common, '--max_iters=40', '--init_from=resume', '--learning_rate=1e30', '--warmup_iters=0'], check=False)
+    assert p.returncode != 0 and len(re.findall(r'non-finite loss at iteration 11\b', p.stderr)) == 2, p.stderr
+    assert (out / 'ckpt.pt').read_bytes() == before
