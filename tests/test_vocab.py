@@ -1,13 +1,21 @@
-"""The compact vocabulary: dataset.Vocab (byte fallback, round trips) and read_meta (safe unpickling, clear
-errors)."""
+"""The compact vocabulary: dataset.Vocab (byte fallback, round trips), read_meta (safe unpickling, clear
+errors), the kept-set choice, and prepare.py --vocab on the shared TinyStories sample."""
 
+import json
 import os
 import pickle
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from conftest import REPO, SHARED, subprocess_env as env
 from dataset import GPT2_EOT, Vocab, byte_tokens, read_meta, vocab_for_data_dir
+
+sys.path.insert(0, os.path.join(REPO, 'data'))
+from prepare_common import choose_kept  # noqa: E402
 
 CAT, CAFE = 3797, 40304          # GPT-2's tokens ' cat' and ' café' (b' caf\xc3\xa9'), checked below
 
@@ -25,6 +33,17 @@ def test_byte_tokens_are_gpt2_ids_0_to_255_not_in_byte_order(gpt2):
     assert ids[0xA9] == 94 + (0xA9 - 161) == 102 and ids[0xC3] == 94 + 12 + (0xC3 - 174) == 127
     assert ids[0] == 188 and ids[ord(' ')] == 220 and ids[127] == 221 and ids[173] == 255
     assert all(gpt2.decode_single_token_bytes(t) == bytes([b]) for b, t in enumerate(ids))
+
+
+def test_choose_kept_by_hand():
+    counts = np.zeros(50257, dtype=np.int64)
+    counts[[3, 300, 400, 500, 600, 50256]] = [100, 5, 5, 7, 1, 9]   # 3 is a byte token: kept anyway
+    forced = list(range(256)) + [50256]
+    assert choose_kept(counts, 257, forced) == forced                       # room for nothing else
+    assert choose_kept(counts, 259, forced) == list(range(256)) + [300, 500, 50256]   # 500 (7), then the tie to 300
+    assert choose_kept(counts, 260, forced) == list(range(256)) + [300, 400, 500, 50256]
+    # only 4 other ids occur: 261 come back, never an id that does not occur
+    assert choose_kept(counts, 4096, forced) == list(range(256)) + [300, 400, 500, 600, 50256]
 
 
 def test_byte_fallback_by_hand(gpt2):
@@ -146,3 +165,64 @@ def test_read_meta_refuses_code_and_runs_none(tmp_path, how):
     assert not marker.exists()
     pickle.loads((tmp_path / 'meta.pkl').read_bytes())      # the file is really unsafe: plain pickle runs it
     assert marker.exists()
+
+
+# -----------------------------------------------------------------------------
+# prepare.py --vocab 4096 on the shared TinyStories sample, against the GPT-2 files
+
+
+def prepare(*args) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, 'data/tinystories/prepare.py', *map(str, args)], cwd=REPO, env=env(),
+                       capture_output=True, text=True, timeout=600)
+    if p.returncode:
+        raise AssertionError(p.stderr)
+    return p
+
+
+@pytest.fixture(scope='module')
+def sample(tmp_path_factory, gpt2):
+    """The shared sample prepared twice, once per vocabulary: (gpt2_dir, v4096_dir, stdout of --vocab 4096)."""
+    src = os.path.join(SHARED, 'data', 'tinystories')
+    if not os.path.isfile(os.path.join(src, 'train.txt')):
+        pytest.skip('../shared/data is not here')
+    root = tmp_path_factory.mktemp('sample')
+    files = ['--input', os.path.join(src, 'train.txt'), '--val-input', os.path.join(src, 'val.txt'), '--num-proc', 2]
+    prepare(*files, '--out-dir', root / 'gpt2')
+    p = prepare(*files, '--vocab', 4096, '--out-dir', root / 'v4096')
+    return root / 'gpt2', root / 'v4096', p.stdout
+
+
+def test_sample_round_trip(sample, gpt2):
+    gpt2_dir, v_dir, _ = sample
+    vocab = vocab_for_data_dir(str(v_dir))
+    gpt2_val = np.fromfile(gpt2_dir / 'val.bin', dtype=np.uint16)
+    val = np.fromfile(v_dir / 'val.bin', dtype=np.uint16)
+    text = gpt2.decode(gpt2_val.tolist())
+    assert vocab.decode(val) == text                                   # lossless
+    with open(os.path.join(SHARED, 'data', 'tinystories', 'val.txt'), encoding='utf-8') as f:
+        assert text == f.read().replace('\n<|endoftext|>\n', '<|endoftext|>')
+    assert any(ord(c) > 127 for c in text)                             # multi-byte characters are in it
+    outside = ~np.isin(gpt2_val, vocab.gpt2_ids)
+    assert outside.sum() > 100                                         # ... and the byte fallback is used
+    assert np.array_equal(val, vocab.from_gpt2(gpt2_val)) and len(val) > len(gpt2_val)
+    assert np.fromfile(v_dir / 'train.bin', dtype=np.uint16).max() == vocab.vocab_size - 1 == vocab.eot_token
+
+
+def test_sample_meta_and_report(sample):
+    gpt2_dir, v_dir, stdout = sample
+    assert sorted(os.listdir(v_dir)) == ['meta.json', 'meta.pkl', 'train.bin', 'val.bin']   # no temporaries
+    assert 'meta.pkl' not in os.listdir(gpt2_dir)
+    meta = read_meta(str(v_dir / 'meta.pkl'))
+    ids = meta['gpt2_ids']
+    assert meta['vocab_size'] == 4096 and ids == sorted(ids) and ids[:256] == list(range(256)) and ids[-1] == 50256
+    assert meta['eot_token'] == 4095 and meta['tokenizer'] == 'gpt2'
+    info = json.loads((v_dir / 'meta.json').read_text())
+    share = float(re.search(r'they cover (\d+\.\d+)% of train', stdout).group(1)) / 100
+    assert 0.98 < share < 0.999 and abs(share - info['kept_share_of_train']) < 1e-4
+    assert 10_000 < info['train_distinct_gpt2_tokens'] < 11_000
+    for split in ('train', 'val'):
+        gpt2_tokens = json.loads((gpt2_dir / 'meta.json').read_text())[split]['tokens']
+        assert info[split]['gpt2_tokens'] == gpt2_tokens
+        assert info[split]['tokens'] == os.path.getsize(v_dir / f'{split}.bin') // 2
+        growth = float(re.search(rf'{split}: [\d,]+ GPT-2 tokens -> [\d,]+ tokens \((\d\.\d+)x\)', stdout).group(1))
+        assert 1.0 < growth < 1.1 and abs(growth - info[split]['tokens'] / gpt2_tokens) < 1e-4
