@@ -87,16 +87,21 @@ def read_meta(path: str) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found; {fix}") from None
     except _NotPlain as e:
-        raise ValueError(f"{path} is not a plain meta.pkl written by this repo's prepare.py: it asks for {e}, "
-                         f"which could run code, so it was not unpickled; {fix}") from None
+        raise ValueError(f"{path} is not a plain meta.pkl written by this repo's prepare.py: it asks for "
+                         f"{_one_line(e)}, which could run code, so it was not unpickled; {fix}") from None
     except Exception as e:           # garbage can fail in many ways inside pickle: all mean the same here
-        raise ValueError(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e)[:100]}); {fix}") from None
+        raise ValueError(f"{path} is corrupt or truncated ({type(e).__name__}: {_one_line(e)}); {fix}") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{path} holds a {type(meta).__name__}, not the dict prepare.py writes; {fix}")
     problem = _meta_problem(meta)
     if problem:
         raise ValueError(f"{path} is not a consistent vocabulary: {problem}; {fix}")
     return meta
+
+
+def _one_line(e: Exception) -> str:
+    """The message of e on one short line (a crafted file chooses the names that end up in it)."""
+    return ' '.join(str(e).split())[:100]
 
 
 def _meta_problem(meta: dict) -> str:
