@@ -18,6 +18,7 @@ token that was not kept is written as the byte tokens of its bytes, so every tex
 
 import os
 import pickle
+import re
 
 import numpy as np
 import torch
@@ -32,13 +33,19 @@ def open_data(data_dir: str, dataset: str, block_size: int) -> dict[str, np.memm
     for split in ('train', 'val'):
         path = os.path.join(data_dir, f'{split}.bin')
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found; run python data/{dataset}/prepare.py "
+            raise FileNotFoundError(f"{path} not found; run {prepare_command(dataset)} "
                                     f"(or set --data_dir to a folder holding train.bin and val.bin)")
         data[split] = np.memmap(path, dtype=np.uint16, mode='r')
         if len(data[split]) <= block_size + 1:
             raise ValueError(f"{path} holds {len(data[split])} tokens, fewer than block_size+1 = {block_size + 1}; "
                              f"use more text or a smaller --block_size")
     return data
+
+
+def prepare_command(dataset: str) -> str:
+    """The command that writes data/<dataset>: data/<name>_v<N> comes from data/<name>/prepare.py --vocab N."""
+    m = re.fullmatch(r'(.+)_v(\d+)', dataset)
+    return f"python data/{m[1]}/prepare.py --vocab {m[2]}" if m else f"python data/{dataset}/prepare.py"
 
 
 def windows(data: np.ndarray, offsets: np.ndarray, block_size: int, device: str = 'cpu') -> tuple[torch.Tensor, torch.Tensor]:

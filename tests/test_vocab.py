@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, SHARED, subprocess_env as env
-from dataset import GPT2_EOT, Vocab, byte_tokens, read_meta, vocab_for_data_dir
+from dataset import GPT2_EOT, Vocab, byte_tokens, open_data, prepare_command, read_meta, vocab_for_data_dir
 
 sys.path.insert(0, os.path.join(REPO, 'data'))
 from prepare_common import choose_kept  # noqa: E402
@@ -226,3 +226,10 @@ def test_sample_meta_and_report(sample):
         assert info[split]['tokens'] == os.path.getsize(v_dir / f'{split}.bin') // 2
         growth = float(re.search(rf'{split}: [\d,]+ GPT-2 tokens -> [\d,]+ tokens \((\d\.\d+)x\)', stdout).group(1))
         assert 1.0 < growth < 1.1 and abs(growth - info[split]['tokens'] / gpt2_tokens) < 1e-4
+
+
+def test_prepare_command_names_the_script_that_writes_a_dataset(tmp_path):
+    assert prepare_command('tinystories') == 'python data/tinystories/prepare.py'
+    assert prepare_command('tinystories_v4096') == 'python data/tinystories/prepare.py --vocab 4096'
+    with pytest.raises(FileNotFoundError, match='run python data/openwebtext/prepare.py --vocab 8192 '):
+        open_data(str(tmp_path), 'openwebtext_v8192', 16)
