@@ -216,10 +216,12 @@ def tests():
 def bench():
     log = read(os.path.join(res, 'logs', 'bench.log'))
     keep = []
-    for l in log.splitlines():                # its tables and result lines, not the warnings around them
+    lines = log.splitlines()
+    for i, l in enumerate(lines):             # its tables and result lines, not the warnings around them
         if l.startswith(('|', '## ', 'torch ', 'scaling from', 'host synchronisations', 'error')):
-            if keep and (l.startswith('## ') or (l.startswith('|') and not keep[-1].startswith('|'))):
-                keep.append('')               # a blank line before each heading and table, for markdown
+            header = l.startswith('|') and i + 1 < len(lines) and lines[i + 1].startswith('|---')
+            if keep and (header or not l.startswith('|')):
+                keep.append('')               # a blank line around headings and tables, for markdown
             keep.append(l)
     w('\n'.join(keep) if keep else '(no table in the log)')
     step = next((s for s in steps if s['step'] == 'bench'), None)
