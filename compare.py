@@ -580,7 +580,7 @@ def plot_expert_selection(groups: list[dict], colors: dict, path: str) -> bool:
 def routing(run_dir: str, text: str, layer: int, out: str, device: str, val_tokens: int) -> None:
     """routing.png: gate value of every expert for each token of text in one MoE layer;
     top_tokens.md: per expert, the tokens it receives most often on validation data."""
-    import tiktoken
+    from dataset import Vocab
     from model import load_checkpoint
     from runtime import resolve_runtime
     from dataset import resolve_data_dir, windows
@@ -607,8 +607,8 @@ def routing(run_dir: str, text: str, layer: int, out: str, device: str, val_toke
             gates, chosen, _, _ = ffn.route(x.reshape(-1, x.shape[-1]))
         return gates.cpu(), chosen.cpu()
 
-    enc = tiktoken.get_encoding('gpt2')
-    tokens = enc.encode_ordinary(text)[:model.config.block_size]
+    vocab = Vocab(ckpt.get('data', {}).get('gpt2_ids'))       # the vocabulary it was trained on (None: GPT-2's)
+    tokens = vocab.encode(text)[:model.config.block_size]
     if not tokens:
         sys.exit("error: --text is empty")
     gates, chosen = route(torch.tensor([tokens]))
@@ -618,7 +618,7 @@ def routing(run_dir: str, text: str, layer: int, out: str, device: str, val_toke
     os.makedirs(out, exist_ok=True)
     fig, ax = plt.subplots(figsize=(max(6, 0.22 * ffn.n_experts + 2), max(3, 0.28 * len(tokens) + 1.5)))
     im = ax.imshow(grid, aspect='auto', cmap='viridis', interpolation='nearest')
-    ax.set_yticks(range(len(tokens)), [repr(enc.decode([t]))[1:-1] for t in tokens], fontsize=8)
+    ax.set_yticks(range(len(tokens)), [repr(vocab.decode([t]))[1:-1] for t in tokens], fontsize=8)
     ax.set_xticks(range(ffn.n_experts), range(ffn.n_experts), fontsize=6)
     ax.set(xlabel='routed expert', title=f"{os.path.basename(os.path.normpath(run_dir))}: gate values in layer {layer} "
                                           f"(top-{ffn.top_k} per token)")
@@ -629,7 +629,7 @@ def routing(run_dir: str, text: str, layer: int, out: str, device: str, val_toke
     print(f"wrote {os.path.join(out, 'routing.png')}")
 
     cfg = ckpt['config']
-    val_path = os.path.join(resolve_data_dir(cfg['data_dir'], cfg['dataset']), 'val.bin')
+    val_path = os.path.join(ckpt.get('data', {}).get('data_dir') or resolve_data_dir(cfg['data_dir'], cfg['dataset']), 'val.bin')
     if not os.path.isfile(val_path):
         print(f"warning: {val_path} not found; top_tokens.md skipped")
         hook.remove()
@@ -652,7 +652,7 @@ def routing(run_dir: str, text: str, layer: int, out: str, device: str, val_toke
              "| expert | token-slots | top tokens (share) |", "|---:|---:|---|"]
     for e, counter in enumerate(per_expert):
         total = sum(counter.values())
-        top = ', '.join(f"`{enc.decode([t])!r}` {c / total:.0%}" for t, c in counter.most_common(8)) if total else '-'
+        top = ', '.join(f"`{vocab.decode([t])!r}` {c / total:.0%}" for t, c in counter.most_common(8)) if total else '-'
         lines.append(f"| {e} | {total:,} | {top} |")
     with open(os.path.join(out, 'top_tokens.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')

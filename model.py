@@ -10,6 +10,7 @@ Every FFN has the same contract: forward(x) -> (y, aux), aux a small dict of ten
 import inspect
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 
 import torch
@@ -287,8 +288,10 @@ class GPT(nn.Module):
         return flops_per_iter / dt / peak_flops
 
     @torch.no_grad()
-    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None) -> Tensor:
-        """Sample max_new_tokens tokens after idx (B, T), feeding predictions back in. Runs in eval mode
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 n_tokens: int | None = None) -> Tensor:
+        """Sample max_new_tokens tokens after idx (B, T), feeding predictions back in; n_tokens: sample only ids
+        below it (the tokenizer's size, where the model's vocabulary is padded beyond it). Runs in eval mode
         (no dropout, no capacity dropping: a token's experts never depend on other tokens), then restores
         the mode the model was in."""
         was_training = self.training
@@ -296,7 +299,7 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             idx_cond = idx[:, -self.config.block_size:]
             logits, _ = self(idx_cond)
-            logits = logits[:, -1, :] / max(temperature, 1e-8)
+            logits = logits[:, -1, :n_tokens] / max(temperature, 1e-8)
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float('inf')
@@ -306,15 +309,24 @@ class GPT(nn.Module):
         return idx
 
 
-def read_checkpoint(path: str) -> dict:
-    """A checkpoint written by train.py, read onto the CPU. Raises FileNotFoundError or ValueError with a
+def read_checkpoint(path: str, trusted: bool = False) -> dict:
+    """A checkpoint written by train.py, read onto the CPU with torch.load(weights_only=True): tensors, numbers,
+    strings, lists, tuples and dicts only, so opening a checkpoint, even a crafted one, never runs code. A file
+    that needs anything else to load (an unsafe one, or one of an earlier version of this repo, which pickled
+    numpy's RNG state) is refused in one line naming what it needs. trusted=True unpickles everything: only
+    convert_checkpoint.py sets it, for a file its owner vouches for. Raises FileNotFoundError or ValueError with a
     one-line message naming the file and what to do; never modifies the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found; train first (python train.py config/...) "
                                 f"or point out_dir at a run directory that holds ckpt.pt")
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+        ckpt = torch.load(path, map_location='cpu', weights_only=not trusted)
     except Exception as e:
+        needs = re.search(r'GLOBAL ([\w.]+)', str(e))
+        if needs:
+            raise ValueError(f"checkpoint {path} needs {needs.group(1)} to load, which could run code, so it was not "
+                             f"opened: it was not written by this repo's train.py, or by an earlier version. If you "
+                             f"made it yourself: python convert_checkpoint.py --i-trust-this-file {path}") from None
         raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); "
                          f"delete it and retrain, or restore a good copy") from None
     missing = [k for k in ('model', 'model_args') if not isinstance(ckpt, dict) or k not in ckpt]

@@ -12,6 +12,7 @@ import sys
 import torch
 
 from configurator import configure
+from dataset import Vocab
 from model import load_checkpoint
 from runtime import resolve_runtime
 
@@ -35,7 +36,9 @@ if __name__ == '__main__':
         # the same decisions as train.py, for this machine (the checkpoint may come from another one)
         runtime = resolve_runtime(device, dtype, compile=False)
         device, autocast = runtime.device, runtime.autocast()
-        model, _ = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device, moe_dispatch=runtime.moe_dispatch)
+        model, ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device, moe_dispatch=runtime.moe_dispatch)
+        # the vocabulary the model was trained on, recorded in the checkpoint (None: GPT-2's own)
+        vocab = Vocab(ckpt.get('data', {}).get('gpt2_ids'))
         if runtime.dtype == 'float64':
             model.double()
         if start.startswith('FILE:'):
@@ -43,15 +46,15 @@ if __name__ == '__main__':
                 start = f.read()
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    import tiktoken
-    enc = tiktoken.get_encoding('gpt2')
     torch.manual_seed(seed)
     model.eval()
     # an empty prompt starts from <|endoftext|>, the token that separates documents in training
-    prompt = enc.encode(start, allowed_special={'<|endoftext|>'}) or [enc.eot_token]
+    prompt = vocab.encode(start, allow_eot=True) or [vocab.eot_token]
     x = torch.tensor(prompt, dtype=torch.long, device=device)[None, ...]
     with autocast:
         for _ in range(num_samples):
-            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None)
-            print(start + enc.decode(y[0, len(prompt):].tolist()))
+            # only ids the vocabulary has: the model's may be padded beyond it (GPT-2's 50,257 to 50,304)
+            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                               n_tokens=vocab.vocab_size)
+            print(start + vocab.decode(y[0, len(prompt):].tolist()))
             print('---------------')

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from configurator import check_value, config_files, configure
-from dataset import open_data, resolve_data_dir, windows
+from dataset import open_data, read_meta, resolve_data_dir, windows
 from model import GPT, GPTConfig, model_from_checkpoint, read_checkpoint
 from runtime import gpu_peak_flops, resolve_runtime
 from moe import max_vio
@@ -221,6 +221,23 @@ def duration(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
+def run_vocab_size(requested: int, given: bool, resumed: bool, meta_size: int | None, needed: int,
+                   meta_path: str) -> tuple[int, str]:
+    """The model's vocab_size and the line that says where it came from. A scratch run on data with a meta.pkl
+    (prepare.py --vocab N) takes meta_size unless a vocab_size was given (on the command line or in a config
+    file); a resume keeps the checkpoint's (requested). Raises ValueError if it is smaller than the data needs
+    (needed: its largest id + 1). The line is '' for data without a meta.pkl (GPT-2 ids)."""
+    size = meta_size if meta_size is not None and not given and not resumed else requested
+    if size < needed:
+        raise ValueError(f"vocab_size={size} is smaller than the data needs: it holds token ids up to {needed - 1}; "
+                         f"use --vocab_size={needed} or more" + (" (or leave it out to take meta.pkl's)" if meta_size else ""))
+    if meta_size is None:
+        return size, ''
+    why = 'the checkpoint\'s' if resumed else 'as given' if given else 'from meta.pkl'
+    return size, (f"vocab_size {size} ({why}): {meta_path} holds a compact vocabulary of {meta_size:,} tokens "
+                  f"(GPT-2's BPE restricted by prepare.py --vocab)")
+
+
 def rounded(values: torch.Tensor, digits: int = 4) -> list:
     """A tensor as a (nested) list of floats rounded for metrics.jsonl."""
     return np.round(values.double().cpu().numpy(), digits).tolist()
@@ -245,6 +262,16 @@ if __name__ == '__main__':
                 raise ValueError(f"{ckpt_path} lacks {missing} and cannot be resumed (sample.py can still use it)")
             config = resume_settings(checkpoint.get('config', {}), checkpoint['model_args'], sys.argv[1:], config['out_dir'])
         check_settings(config)
+        # the data, and the vocabulary its ids belong to (a compact one if prepare.py --vocab wrote a meta.pkl)
+        data_path = resolve_data_dir(config['data_dir'], config['dataset'])
+        data = open_data(data_path, config['dataset'], config['block_size'])
+        meta_path = os.path.join(data_path, 'meta.pkl')
+        meta = read_meta(meta_path) if os.path.isfile(meta_path) else None
+        needed = meta['vocab_size'] if meta else int(max(split.max() for split in data.values())) + 1
+        given = any(a.startswith('--vocab_size=') for a in sys.argv[1:]) or config['vocab_size'] != DEFAULTS['vocab_size']
+        config['vocab_size'], vocab_line = run_vocab_size(config['vocab_size'], given, checkpoint is not None,
+                                                          meta and meta['vocab_size'], needed, meta_path)
+        gpt2_ids = meta['gpt2_ids'] if meta else None      # recorded in the checkpoint, for sample.py and compare.py
         globals().update(config)
         model_args = {k: config[k] for k in MODEL_KEYS}
         runtime = resolve_runtime(device, dtype, compile, moe_dispatch,
@@ -285,7 +312,6 @@ if __name__ == '__main__':
     # data, model, optimizer, checkpoint
     metrics_path = os.path.join(out_dir, 'metrics.jsonl')
     try:
-        data = open_data(resolve_data_dir(data_dir, dataset), dataset, block_size)
         if init_from == 'scratch' and os.path.exists(ckpt_path):
             raise ValueError(f"{ckpt_path} already holds a checkpoint; continue it with --init_from=resume, "
                              f"or choose another --out_dir (nothing was overwritten)")
@@ -372,8 +398,11 @@ if __name__ == '__main__':
         write_metrics({'type': 'config', 'iter': iter_num, 'config': config, 'config_files': run_files,
                        'model_args': model_args, 'total_params': params['total'], 'active_params': params['active'],
                        'tokens_per_iter': tokens_per_iter, 'world_size': world_size, 'device': device,
+                       'data_dir': data_path, 'data_vocab_size': meta['vocab_size'] if meta else None,
                        'dtype': dtype, 'runtime': {**asdict(runtime), 'device': device}})
         print(runtime.summary(moe=bool(moe_layers)))
+        if vocab_line:
+            print(vocab_line)
         print(f"{raw_model.config.ffn_type}: {params['total'] / 1e6:.2f}M parameters, {params['active'] / 1e6:.2f}M "
               f"active; {tokens_per_iter:,} tokens per iteration")
 
@@ -441,6 +470,8 @@ if __name__ == '__main__':
                         'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
                         'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
                         'tokens_seen': tokens_seen, 'config': config, 'config_files': run_files,
+                        # the data and the vocabulary of its ids (None: GPT-2's): sample.py decodes with it
+                        'data': {'dataset': dataset, 'data_dir': data_path, 'gpt2_ids': gpt2_ids},
                         'scaler': scaler.state_dict(),
                         'sampler': {'seed': seed, 'iter_num': iter_num},   # see sampler() and step_seed()
                     }, ckpt_path)

@@ -360,11 +360,11 @@ def test_float16_loss_scale_is_saved_and_resumed(data_dir, tmp_path):
     run([*common, f'--out_dir={tmp_path / "straight"}', '--max_iters=8'])
     out = tmp_path / 'out'
     run([*common, f'--out_dir={out}', '--max_iters=6'])
-    assert torch.load(out / 'ckpt.pt', weights_only=False)['scaler']['scale'] > 0
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['scaler']['scale'] > 0
     p = run(['train.py', f'--out_dir={out}', '--init_from=resume', '--max_iters=8'])
     assert 'float16 + GradScaler' in p.stdout
-    resumed = torch.load(out / 'ckpt.pt', weights_only=False)['scaler']
-    straight = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=False)['scaler']
+    resumed = torch.load(out / 'ckpt.pt', weights_only=True)['scaler']
+    straight = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=True)['scaler']
     assert resumed == straight and resumed['_growth_tracker'] > 2
 
 
@@ -420,7 +420,7 @@ def test_float64_run_uses_the_expert_loop(data_dir, tmp_path):
     out = tmp_path / 'out'
     run(['train.py', 'config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=4',
          '--eval_interval=4', '--lr_decay_iters=8', '--dtype=float64'])
-    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
     assert ckpt['model']['lm_head.weight'].dtype == torch.float64
     assert np.isfinite(evals(out)[-1]['val_loss'])
 
