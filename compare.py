@@ -78,21 +78,42 @@ def run_label(config_row: dict) -> str:
     return describe_model(config_row['model_args'])
 
 
-def last_per_iter(rows: list[dict]) -> list[dict]:
-    """One row per iteration, the last one written, in iteration order. A run killed between two
-    checkpoints and resumed logs the steps after its last checkpoint twice; the second time counts."""
-    return sorted({r['iter']: r for r in rows}.values(), key=lambda r: r['iter'])
+def split_looks(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The rows of the run itself and those of its eval_only looks, each in the order written. A look
+    (python train.py --init_from=resume --out_dir=X --eval_only=True) appends a config row whose settings
+    have eval_only True and an eval row at the checkpoint's iteration, after no training steps (so without
+    maxvio_batch, dropped_frac or expert_counts). A row is a look's if it says so ("eval_only": true in its
+    eval row, which newer runs write) or follows a look's config row (older runs), up to the next config row."""
+    own, looks = [], []
+    in_look = False
+    for r in rows:
+        if r.get('type') == 'config':
+            in_look = bool(r.get('config', {}).get('eval_only'))
+        (looks if in_look or r.get('eval_only') else own).append(r)
+    return own, looks
+
+
+def merge_per_iter(rows: list[dict]) -> list[dict]:
+    """One row per iteration, in iteration order. A run killed between two checkpoints and resumed logs the
+    steps after its last checkpoint twice; the second time counts: rows of one iteration are merged in the
+    order written, the later row's values winning and the keys it lacks keeping the earlier row's values."""
+    merged = {}
+    for r in rows:
+        merged[r['iter']] = {**merged.get(r['iter'], {}), **r}
+    return sorted(merged.values(), key=lambda r: r['iter'])
 
 
 def load_run(run_dir: str) -> dict | None:
     """A run's rows grouped by type, its latest config row (a resumed run appends one), its seed and
-    label; None (with a warning) if unusable. 'dir' is run_dir as given."""
+    label; None (with a warning) if unusable. 'dir' is run_dir as given. The rows of eval_only looks
+    (split_looks) are left out: a look changes neither the run's settings, label, curves nor final numbers."""
     path = os.path.join(run_dir, 'metrics.jsonl')
-    rows = read_metrics(path)
+    rows, looks = split_looks(read_metrics(path))
     configs = [r for r in rows if r.get('type') == 'config']
     evals = [r for r in rows if r.get('type') == 'eval' and r.get('val_loss') is not None]
     if not configs or not evals:
-        print(f"warning: {path} is missing or has no config/eval rows; run skipped", file=sys.stderr)
+        only_looks = ' (only eval_only looks)' if looks else ''
+        print(f"warning: {path} is missing or has no config/eval rows{only_looks}; run skipped", file=sys.stderr)
         return None
     cfg = configs[-1]
     named = [c for c in configs if c.get('config_files')] or [cfg]     # a resume may have been given no files
@@ -100,7 +121,7 @@ def load_run(run_dir: str) -> dict | None:
     return {
         'dir': run_dir, 'name': os.path.basename(os.path.normpath(run_dir)), 'label': run_label(named[-1]),
         'seed': cfg.get('config', {}).get('seed'), 'config': cfg, 'ffn_type': cfg['model_args']['ffn_type'],
-        'evals': last_per_iter(evals), 'train': last_per_iter(trains),
+        'evals': merge_per_iter(evals), 'train': merge_per_iter(trains),
         'selection': next((r for r in reversed(rows) if r.get('type') == 'expert_selection'), None),
     }
 
@@ -176,11 +197,6 @@ def layer_mean(values: list[float] | None) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def last_logged(evals: list[dict], key: str):
-    """The value of key in the last eval row that holds it, or None."""
-    return next((r[key] for r in reversed(evals) if r.get(key) is not None), None)
-
-
 def present(values: list) -> list:
     """The values that are not None."""
     return [v for v in values if v is not None]
@@ -188,18 +204,21 @@ def present(values: list) -> list:
 
 def run_numbers(run: dict) -> dict:
     """The numbers of one run: best and final val loss, the iteration of the final eval, the median
-    tokens/s of its train rows (the last eval's if it has none), and the final maxvio_batch, maxvio_global
-    and dropped share, each averaged over MoE layers (None for a dense run). Final = the last eval row that
-    has the value (an eval with no training steps before it, as in eval_only, logs no maxvio_batch)."""
+    tokens/s of its train rows (the final eval's if it has none), and the final maxvio_batch, maxvio_global
+    and dropped share, each averaged over MoE layers (None for a dense run, or where the final eval lacks
+    it: an eval with no training steps before it, as at iteration 0, logs no maxvio_batch). Final = the
+    final eval row (load_run has merged the rows of one iteration and left eval_only looks out), for every
+    number: no value of an earlier eval stands in for a missing one."""
     evals = run['evals']
+    final = evals[-1]
     speeds = present([r.get('tokens_per_s') for r in run['train']])
     return {
-        'best_val_loss': min(r['val_loss'] for r in evals), 'final_val_loss': evals[-1]['val_loss'],
-        'final_iter': evals[-1]['iter'],
-        'tokens_per_s': statistics.median(speeds) if speeds else evals[-1].get('tokens_per_s'),
-        'maxvio_batch': layer_mean(last_logged(evals, 'maxvio_batch')),
-        'maxvio_global': layer_mean(last_logged(evals, 'maxvio_global')),
-        'dropped_share': layer_mean(last_logged(evals, 'dropped_frac')),
+        'best_val_loss': min(r['val_loss'] for r in evals), 'final_val_loss': final['val_loss'],
+        'final_iter': final['iter'],
+        'tokens_per_s': statistics.median(speeds) if speeds else final.get('tokens_per_s'),
+        'maxvio_batch': layer_mean(final.get('maxvio_batch')),
+        'maxvio_global': layer_mean(final.get('maxvio_global')),
+        'dropped_share': layer_mean(final.get('dropped_frac')),
     }
 
 
@@ -336,7 +355,7 @@ def uniform_references(run: dict) -> dict:
     if args['ffn_type'] == 'dense':
         return {'uniform_maxvio_batch': None, 'uniform_maxvio_global': None}
     k, n = args['top_k'], args['n_experts']
-    val_counts = last_logged(run['evals'], 'val_expert_counts')
+    val_counts = run['evals'][-1].get('val_expert_counts')
     val_tokens = round(sum(val_counts[0]) / k) if val_counts else None
     step_tokens = run['config'].get('tokens_per_iter')
     return {'uniform_maxvio_batch': uniform_maxvio(n, k, step_tokens) if step_tokens else None,

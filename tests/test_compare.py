@@ -12,8 +12,8 @@ import pytest
 
 from conftest import REPO, random_token_data, subprocess_env as env
 from compare import (T_975, count_label, curve_band, differing_settings, group_runs, layer_mean, load_run,
-                     load_shares, pair_line, pair_stats, pairs_table, read_metrics, run_numbers, share_spread, t_975,
-                     uniform_maxvio, welch_difference)
+                     load_shares, merge_per_iter, pair_line, pair_stats, pairs_table, read_metrics, run_numbers,
+                     share_spread, split_looks, t_975, uniform_maxvio, welch_difference)
 
 
 def compare(*args, check=True) -> subprocess.CompletedProcess:
@@ -237,6 +237,68 @@ def test_grouping(tmp_path):
     groups = group_runs([runs['ds1'], runs['ds2'], load_run(str(tmp_path / 'gpu'))])
     assert [g['label'] for g in groups] == ['deepseek_moe [dtype=float32] (2 seeds)', 'deepseek_moe [dtype=bfloat16] (1 run)']
     assert count_label([1]) == '1 run' and count_label([1, 2, 3]) == '3 seeds' and count_label([1, 1]) == '2 runs'
+
+
+def look_rows(run: list[dict], flagged: bool) -> list[dict]:
+    """The rows an eval_only look (python train.py --init_from=resume --out_dir=X --eval_only=True) appends to
+    a finished run: a config row with eval_only True (here also given a config file and another eval_iters,
+    which must not relabel or regroup the run) and an eval row at the last iteration, after no training steps,
+    so without maxvio_batch, dropped_frac and expert_counts. flagged: the eval row says "eval_only": true, as
+    train.py writes from now on (older runs lack the key)."""
+    cfg = run[0]
+    look_cfg = {**cfg, 'iter': 100, 'config_files': ['config/tinystories_cpu.py', 'config/look.py'],
+                'config': {**cfg['config'], 'eval_only': True, 'init_from': 'resume', 'eval_iters': 200}}
+    look_eval = eval_row(100, 2.5, maxvio_global=[0.05, 0.05], val_expert_counts=[[26, 25, 25, 24], [25, 25, 25, 25]])
+    return [look_cfg, {**look_eval, 'eval_only': True} if flagged else look_eval]
+
+
+def test_split_looks():
+    own_cfg, look_cfg = {'type': 'config', 'config': {'eval_only': False}}, {'type': 'config', 'config': {'eval_only': True}}
+    e50, e100, look, flagged = ({'type': 'eval', 'iter': 50}, {'type': 'eval', 'iter': 100},
+                                {'type': 'eval', 'iter': 100}, {'type': 'eval', 'iter': 100, 'eval_only': True})
+    # an older look is known by its config row; a newer one also by its flag; a later resume is the run's own again
+    t110 = {'type': 'train', 'iter': 110}
+    own, looks = split_looks([own_cfg, e50, e100, look_cfg, look, own_cfg, t110])
+    assert own == [own_cfg, e50, e100, own_cfg, t110] and looks == [look_cfg, look]
+    own, looks = split_looks([own_cfg, e50, e100, flagged])
+    assert own == [own_cfg, e50, e100] and looks == [flagged]
+    assert split_looks([{'type': 'eval', 'iter': 0}]) == ([{'type': 'eval', 'iter': 0}], [])   # no config row: own
+
+
+@pytest.mark.parametrize('flagged', [False, True])
+def test_eval_only_look_changes_nothing(tmp_path, flagged):
+    seed1 = moe_rows('moe', 1, (3.2, 3.0), [0.3, 0.1], [0.4, 0.2], [0.1, 0.3])
+    write_run(tmp_path / 'looked', seed1 + look_rows(seed1, flagged))
+    write_run(tmp_path / 'seed2', moe_rows('moe', 2, (3.3, 3.1), [0.1, 0.1], [0.1, 0.1], [0.0, 0.0]))
+    run = load_run(str(tmp_path / 'looked'))
+    assert [r['iter'] for r in run['evals']] == [0, 50, 100]
+    assert 'eval_only' not in run['evals'][-1] and run['evals'][-1]['val_loss'] == 3.0
+    # the run's own final eval: val loss 3.0 (the look's 2.5), maxvio_batch 0.2 (not the eval at 50's 9.0),
+    # maxvio_global 0.3 (the look's 0.05), dropped 0.2
+    numbers = run_numbers(run)
+    assert numbers['final_val_loss'] == 3.0 and numbers['final_iter'] == 100 and numbers['best_val_loss'] == 3.0
+    assert numbers['maxvio_batch'] == pytest.approx(0.2) and numbers['maxvio_global'] == pytest.approx(0.3)
+    assert numbers['dropped_share'] == pytest.approx(0.2)
+    # label and settings are the run's: one group with seed 2, named by the run's config file
+    assert run['label'] == 'moe' and not run['config']['config'].get('eval_only')
+    assert [g['label'] for g in group_runs([run, load_run(str(tmp_path / 'seed2'))])] == ['moe (2 seeds)']
+    # a directory holding nothing but a look is no run
+    write_run(tmp_path / 'only-look', look_rows(seed1, flagged))
+    assert load_run(str(tmp_path / 'only-look')) is None
+
+
+def test_rows_of_one_iteration_merge():
+    # a run killed after writing its eval at 100 and resumed from an earlier checkpoint writes the eval at 100
+    # again; the later row's values win, keys it lacks (here dropped_frac) keep the earlier row's values
+    first = eval_row(100, 3.1, maxvio_batch=[0.5, 0.5], dropped_frac=[0.2, 0.4])
+    again = eval_row(100, 3.0, maxvio_batch=[0.1, 0.3])
+    rows = merge_per_iter([eval_row(0, 5.0), eval_row(50, 3.5, dropped_frac=[0.9, 0.9]), first, again])
+    assert [r['iter'] for r in rows] == [0, 50, 100]
+    assert rows[2] == {**first, 'val_loss': 3.0, 'train_loss': 3.1, 'maxvio_batch': [0.1, 0.3]}
+    assert merge_per_iter([again, eval_row(0, 5.0)]) == [eval_row(0, 5.0), again]      # in iteration order
+    numbers = run_numbers({'evals': rows, 'train': []})
+    assert numbers['final_val_loss'] == 3.0 and numbers['maxvio_batch'] == pytest.approx(0.2)
+    assert numbers['dropped_share'] == pytest.approx(0.3)                               # not the eval at 50's 0.9
 
 
 # -----------------------------------------------------------------------------
