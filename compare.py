@@ -13,9 +13,11 @@ Writes to --out:
                         maxvio_batch (per training step) and maxvio_global (over the validation batches),
                         with random routing's MaxVio dotted (uniform_maxvio)
   expert_selection.png  per MoE group and layer, the mean share of token-slots per expert, min-max over seeds
-  summary.md            the group table and the differences of final val loss between every two groups
-                        (also printed), with a 95% interval over seeds
-  summary.json          the same numbers for scripts: {"groups": [...], "pairs": [...]}
+  summary.md            the group table and the differences of final val loss between every two comparable
+                        groups (also printed), with a 95% interval over seeds. Groups are comparable when they
+                        differ only in the FFN's own settings (FFN_SETTINGS) and the seed; other pairs get a
+                        warning naming the settings that differ, and no difference
+  summary.json          the same numbers for scripts: {"groups": [...], "pairs": [...], "not_compared": [...]}
 Every number comes from the runs' metrics.jsonl (written by train.py); losses are pure cross-entropy.
 --routing loads a checkpoint and writes routing.png (token x expert gate values in one layer) and
 top_tokens.md (the most frequent tokens each expert receives on validation data).
@@ -141,6 +143,29 @@ def differing_settings(configs: list[dict]) -> list[str]:
     keys of all configs are compared; a config missing a key counts as None there."""
     keys = sorted(set().union(*configs) - set(IGNORED_SETTINGS))
     return [k for k in keys if any(c.get(k) != configs[0].get(k) for c in configs[1:])]
+
+
+# The FFN's own settings: what a comparison of FFNs varies (its type and widths, the experts and their routing,
+# the balancing losses and biases). Two groups are compared (the difference of their final val loss) only if
+# they differ in nothing but these and IGNORED_SETTINGS (the seed among them): the same data, steps, tokens per
+# step, model outside the FFN, optimizer and dtype. Otherwise a difference mixes the FFN with everything else.
+FFN_SETTINGS = ('ffn_type', 'ffn_hidden', 'n_dense_layers', 'n_experts', 'top_k', 'expert_hidden', 'n_shared_experts',
+                'capacity_factor', 'score_func', 'aux_loss_coef', 'balance_loss_coef', 'z_loss_coef', 'seq_aux_coef',
+                'bias_update_speed', 'bias_update_rule', 'bias_update_schedule', 'bias_recenter', 'routing',
+                'expert_choice_scope')
+
+
+def incomparable_settings(a: dict, b: dict) -> list[str]:
+    """The settings (sorted) in which two groups' settings differ outside FFN_SETTINGS and IGNORED_SETTINGS:
+    why the two cannot be compared; [] if they can."""
+    return [k for k in differing_settings([a, b]) if k not in FFN_SETTINGS]
+
+
+def not_compared_text(a_name: str, b_name: str, a: dict, b: dict, keys: list[str]) -> str:
+    """Why two groups are not compared: 'deepseek_moe and moe differ in max_iters (40 vs 4), n_embd (128 vs 384):
+    not compared' (a setting one of them lacks shows as None)."""
+    values = ', '.join(f"{k} ({a.get(k)} vs {b.get(k)})" for k in keys)
+    return f"{a_name} and {b_name} differ in {values}: not compared"
 
 
 def count_label(seeds: list) -> str:
@@ -388,15 +413,21 @@ def group_summary(group: dict) -> dict:
     }
 
 
-def compare_groups(summaries: list[dict]) -> list[dict]:
-    """pair_stats of every two groups (a, b) in order (a before b), with the groups' labels, their names (the
-    labels without the count) and the text line."""
-    pairs = []
-    for a, b in itertools.combinations(summaries, 2):
+def compare_groups(groups: list[dict], summaries: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Every two groups (a, b) in order (a before b), with the groups' labels and names (the labels without the
+    count): the comparable pairs with their pair_stats and text line, and the pairs that are not comparable
+    (incomparable_settings) with 'differ' {setting: [a's value, b's value]} and the text why, but no numbers."""
+    pairs, not_compared = [], []
+    for (ga, a), (gb, b) in itertools.combinations(zip(groups, summaries), 2):
+        names = {'a': a['label'], 'b': b['label'], 'a_name': a['name'], 'b_name': b['name']}
+        keys = incomparable_settings(ga['settings'], gb['settings'])
+        if keys:
+            not_compared.append({**names, 'differ': {k: [ga['settings'].get(k), gb['settings'].get(k)] for k in keys},
+                                 'text': not_compared_text(a['name'], b['name'], ga['settings'], gb['settings'], keys)})
+            continue
         p = pair_stats(list(zip(a['seeds'], a['final_val_loss_runs'])), list(zip(b['seeds'], b['final_val_loss_runs'])))
-        pairs.append({'a': a['label'], 'b': b['label'], 'a_name': a['name'], 'b_name': b['name'], **p,
-                      'text': pair_line(a['name'], b['name'], p)})
-    return pairs
+        pairs.append({**names, **p, 'text': pair_line(a['name'], b['name'], p)})
+    return pairs, not_compared
 
 
 def fmt(v: float | None, spec: str) -> str:
@@ -718,14 +749,19 @@ def main() -> None:
         if len(s['final_iters']) > 1:
             print(f"warning: the runs of {s['label']} end at different iterations {s['final_iters']} (some still "
                   f"running?); its final val loss mixes them", file=sys.stderr)
-    pairs = compare_groups(summaries)
+    pairs, not_compared = compare_groups(groups, summaries)
+    for q in not_compared:
+        print(f"warning: {q['text']}", file=sys.stderr)
     table = markdown_table(summaries)
     with open(os.path.join(args.out, 'summary.md'), 'w') as f:
         f.write(table + '\n')
         if pairs:
             f.write('\nDifferences of final val loss between groups, 95% interval over seeds:\n\n' + pairs_table(pairs) + '\n')
+        if not_compared:
+            f.write(f'\nNot compared (groups that differ in more than the FFN and the seed):\n\n'
+                    + '\n'.join(f"- {q['text']}" for q in not_compared) + '\n')
     with open(os.path.join(args.out, 'summary.json'), 'w') as f:
-        json.dump({'groups': summaries, 'pairs': pairs}, f, indent=1)
+        json.dump({'groups': summaries, 'pairs': pairs, 'not_compared': not_compared}, f, indent=1)
     print(table)
     if pairs:
         print('\nDifferences of final val loss (a - b), 95% interval over seeds:')

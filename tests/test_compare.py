@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO, random_token_data, subprocess_env as env
-from compare import (T_975, count_label, curve_band, differing_settings, group_runs, layer_mean, load_run,
-                     load_shares, merge_per_iter, pair_line, pair_stats, pairs_table, read_metrics, run_numbers,
-                     share_spread, split_looks, t_975, uniform_maxvio, welch_difference)
+from compare import (FFN_SETTINGS, IGNORED_SETTINGS, T_975, count_label, curve_band, differing_settings, group_runs,
+                     incomparable_settings, layer_mean, load_run, load_shares, merge_per_iter, not_compared_text,
+                     pair_line, pair_stats, pairs_table, read_metrics, run_numbers, share_spread, split_looks, t_975,
+                     uniform_maxvio, welch_difference)
 
 
 def compare(*args, check=True) -> subprocess.CompletedProcess:
@@ -301,6 +302,27 @@ def test_rows_of_one_iteration_merge():
     assert numbers['dropped_share'] == pytest.approx(0.3)                               # not the eval at 50's 0.9
 
 
+def test_comparable_settings():
+    cpu = {'seed': 1, 'device': 'cpu', 'ffn_type': 'deepseek_moe', 'n_experts': 30, 'bias_update_speed': 0.001,
+           'max_iters': 40, 'n_embd': 128, 'dataset': 'tinystories', 'dtype': 'float32'}
+    # the FFN's own settings and IGNORED_SETTINGS may differ: comparable
+    moe = {**cpu, 'seed': 2, 'device': 'cuda', 'compile': True, 'ffn_type': 'moe', 'n_experts': 8, 'bias_update_speed': 0.0,
+           'balance_loss_coef': 0.01, 'bias_update_rule': 'proportional', 'routing': 'expert_choice'}
+    assert incomparable_settings(cpu, moe) == []
+    gpu = {**moe, 'max_iters': 4, 'n_embd': 384}
+    assert incomparable_settings(cpu, gpu) == ['max_iters', 'n_embd']
+    assert incomparable_settings(cpu, {**cpu, 'dtype': 'bfloat16', 'learning_rate': 0.002}) == ['dtype', 'learning_rate']
+    assert not_compared_text('deepseek_moe', 'moe', cpu, gpu, ['max_iters', 'n_embd']) == (
+        'deepseek_moe and moe differ in max_iters (40 vs 4), n_embd (128 vs 384): not compared')
+    assert not_compared_text('a', 'b', cpu, {}, ['dataset']) == 'a and b differ in dataset (tinystories vs None): not compared'
+    # every FFN setting is one of train.py's, but for the balancing and routing settings train.py is gaining
+    # (a misspelt name would make groups that differ in that setting incomparable)
+    from train import DEFAULTS
+    assert set(FFN_SETTINGS) - set(DEFAULTS) <= {'bias_update_rule', 'bias_update_schedule', 'bias_recenter', 'routing',
+                                                 'expert_choice_scope'}
+    assert not set(FFN_SETTINGS) & set(IGNORED_SETTINGS) and 'moe_dispatch' in IGNORED_SETTINGS
+
+
 # -----------------------------------------------------------------------------
 # the script
 
@@ -323,6 +345,7 @@ def test_figures_table_and_summary_json(runs):
     assert ds['dropped_share'] == 0.0 and moe['dropped_share'] == pytest.approx(0.05)
     assert moe['final_val_loss_std'] == pytest.approx(math.sqrt((0.13 ** 2 + 0.11 ** 2 + 0.02 ** 2) / 9 / 2))
     assert dense['final_val_loss_std'] is None and dense['final_maxvio_batch'] is None and dense['n_runs'] == 1
+    assert summary['not_compared'] == [] and 'not compared' not in p.stderr and 'Not compared' not in (out / 'summary.md').read_text()
     pairs = {(q['a'], q['b']): q for q in summary['pairs']}
     assert list(pairs) == [('deepseek_moe (3 seeds)', 'moe (3 seeds)'), ('deepseek_moe (3 seeds)', 'dense (1 run)'),
                            ('moe (3 seeds)', 'dense (1 run)')]
@@ -348,6 +371,35 @@ def test_figures_table_and_summary_json(runs):
     assert md.split('\n\nDifferences')[0] in p.stdout
     assert 'deepseek_moe - moe: -0.033 +- 0.029 (3/3 seeds lower)' in p.stdout.splitlines()
     assert 'moe - dense: -0.117 (a group of one run: no interval)' in p.stdout.splitlines()
+
+
+def test_groups_that_are_not_comparable(tmp_path):
+    # deepseek_moe and dense at the CPU size (40 iterations, 128 wide), moe at a GPU size (4 iterations, 384 wide)
+    cpu, gpu = {'max_iters': 40, 'n_embd': 128}, {'max_iters': 4, 'n_embd': 384}
+    write_run(tmp_path / 'out-deepseek_moe', moe_rows('deepseek_moe', 1, (3.2, 3.0), [0.1, 0.1], [0.1, 0.1], [0.0, 0.0], **cpu))
+    write_run(tmp_path / 'out-moe', moe_rows('moe', 1, (3.2, 3.1), [0.1, 0.1], [0.1, 0.1], [0.0, 0.0], **gpu))
+    write_run(tmp_path / 'out-dense', dense_rows(1, (3.0, 3.2), **cpu))
+    out = tmp_path / 'cmp'
+    p = compare(tmp_path / 'out-deepseek_moe', tmp_path / 'out-moe', tmp_path / 'out-dense', '--out', out)
+    assert [x for x in p.stderr.splitlines() if x.startswith('warning:')] == [
+        'warning: deepseek_moe and moe differ in max_iters (40 vs 4), n_embd (128 vs 384): not compared',
+        'warning: moe and dense differ in max_iters (4 vs 40), n_embd (384 vs 128): not compared']
+    summary = json.loads((out / 'summary.json').read_text())
+    assert [(q['a_name'], q['b_name']) for q in summary['pairs']] == [('deepseek_moe', 'dense')]
+    assert summary['pairs'][0]['mean_diff'] == pytest.approx(-0.2)
+    assert summary['not_compared'] == [
+        {'a': 'deepseek_moe (1 run)', 'b': 'moe (1 run)', 'a_name': 'deepseek_moe', 'b_name': 'moe',
+         'differ': {'max_iters': [40, 4], 'n_embd': [128, 384]},
+         'text': 'deepseek_moe and moe differ in max_iters (40 vs 4), n_embd (128 vs 384): not compared'},
+        {'a': 'moe (1 run)', 'b': 'dense (1 run)', 'a_name': 'moe', 'b_name': 'dense',
+         'differ': {'max_iters': [4, 40], 'n_embd': [384, 128]},
+         'text': 'moe and dense differ in max_iters (4 vs 40), n_embd (384 vs 128): not compared'}]
+    md = (out / 'summary.md').read_text()
+    assert '| deepseek_moe - dense | -0.200 | - | a group of one run |' in md.splitlines()
+    assert '| deepseek_moe - moe |' not in md and '| moe - dense |' not in md
+    assert '\n- deepseek_moe and moe differ in max_iters (40 vs 4), n_embd (128 vs 384): not compared\n' in md
+    assert 'deepseek_moe - dense: -0.200 (a group of one run: no interval)' in p.stdout.splitlines()
+    assert not [x for x in p.stdout.splitlines() if x.startswith(('deepseek_moe - moe', 'moe - dense'))]
 
 
 def test_single_run_still_works(runs):
