@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO, random_token_data, subprocess_env as env
-from compare import (FFN_SETTINGS, IGNORED_SETTINGS, T_975, count_label, curve_band, differing_settings, group_runs,
-                     incomparable_settings, layer_mean, load_run, load_shares, merge_per_iter, not_compared_text,
-                     pair_line, pair_stats, pairs_table, read_metrics, run_numbers, share_spread, split_looks, t_975,
-                     uniform_maxvio, welch_difference)
+from compare import (FFN_SETTINGS, IGNORED_SETTINGS, MAXVIO_FLOOR, T_975, balancing_kind, count_label, curve_band,
+                     differing_settings, group_runs, incomparable_settings, layer_mean, load_run, load_shares,
+                     maxvio_spread, mean_interval, merge_per_iter, not_compared_text, pair_line, pair_stats,
+                     pairs_table, read_metrics, run_numbers, share_spread, split_looks, t_975, tradeoff_point,
+                     tradeoff_row, tradeoff_table, uniform_maxvio, welch_difference)
 
 
 def compare(*args, check=True) -> subprocess.CompletedProcess:
@@ -82,13 +83,16 @@ def write_run(path, rows, truncate_last: bool = False):
 
 @pytest.fixture
 def runs(tmp_path):
-    """deepseek_moe and moe with seeds 1, 2, 3 and one dense run (seed 1), written in that order."""
+    """deepseek_moe (balanced as in config/deepseek_moe.py: bias updates and a sequence-wise loss) and moe (a Switch
+    balance loss) with seeds 1, 2, 3 and one dense run (seed 1), written in that order."""
     for seed, losses, mb, mg, speeds in ((1, (2.98, 3.00), [0.2, 0.4], [1.0, 0.0], (100.0, 300.0, 200.0)),
                                          (2, (3.30, 3.10), [0.1, 0.3], [0.5, 0.5], (400.0, 500.0, 600.0)),
                                          (3, (3.25, 3.05), [0.4, 0.6], [0.2, 0.0], (250.0, 260.0, 270.0))):
-        write_run(tmp_path / f'out-deepseek_moe-{seed}', moe_rows('deepseek_moe', seed, losses, mb, mg, [0.0, 0.0], speeds))
+        write_run(tmp_path / f'out-deepseek_moe-{seed}', moe_rows('deepseek_moe', seed, losses, mb, mg, [0.0, 0.0], speeds,
+                                                                  bias_update_speed=0.001, seq_aux_coef=0.0001))
     for seed, final in ((1, 3.04), (2, 3.12), (3, 3.09)):
-        write_run(tmp_path / f'out-moe-{seed}', moe_rows('moe', seed, (final + 0.2, final), [1.0, 1.0], [0.5, 0.5], [0.1, 0.0]))
+        write_run(tmp_path / f'out-moe-{seed}', moe_rows('moe', seed, (final + 0.2, final), [1.0, 1.0], [0.5, 0.5], [0.1, 0.0],
+                                                         balance_loss_coef=0.01))
     write_run(tmp_path / 'out-dense', dense_rows(1, (3.0, 3.2)))
     return tmp_path
 
@@ -124,6 +128,49 @@ def test_uniform_maxvio_by_hand():
     assert uniform_maxvio(8, 8, 100) == 0.0        # top_k distinct experts: with k = E every load is equal
     # more experts, more imbalance from sampling alone; more tokens, less
     assert uniform_maxvio(32, 8, 2048) > uniform_maxvio(8, 2, 2048) > uniform_maxvio(8, 2, 20480) > 0
+
+
+def test_balancing_kind():
+    assert balancing_kind({'bias_update_speed': 0.001, 'seq_aux_coef': 0.0001}) == 'both'     # config/deepseek_moe.py
+    assert balancing_kind({'bias_update_speed': 0.001, 'seq_aux_coef': 0.0, 'aux_loss_coef': 0.0}) == 'loss-free'
+    assert balancing_kind({'balance_loss_coef': 0.01, 'z_loss_coef': 0.001}) == 'auxiliary loss'   # config/moe.py
+    assert balancing_kind({'aux_loss_coef': 0.01, 'bias_update_speed': 0.0}) == 'auxiliary loss'
+    assert balancing_kind({'seq_aux_coef': 0.0001}) == 'auxiliary loss'
+    assert balancing_kind({'z_loss_coef': 0.001}) == 'none'          # the router z-loss does not balance
+    assert balancing_kind({}) == 'none' and balancing_kind({'bias_update_speed': None}) == 'none'   # older runs
+
+
+def test_tradeoff_numbers_by_hand():
+    # final val losses (3.00, 3.10, 3.05): mean 3.05, sd 0.05, half-width t_{0.975, 2} * 0.05 / sqrt(3) = 0.1242
+    assert mean_interval([3.00, 3.10, 3.05]) == pytest.approx((3.05, 4.303 * 0.05 / math.sqrt(3)))
+    assert mean_interval([1.0, 2.0]) == pytest.approx((1.5, 12.706 * 0.5))     # sd sqrt(0.5), se sqrt(0.5 / 2) = 0.5
+    assert mean_interval([3.2]) == (3.2, None)
+    summary = {'label': 'x (3 seeds)', 'name': 'x', 'n_runs': 3, 'final_val_loss_runs': [3.00, 3.10, 3.05],
+               'final_maxvio_global_runs': [0.5, 0.0, 0.1], 'final_maxvio_batch_runs': [None, None, None],
+               'uniform_maxvio_global': 0.03, 'uniform_maxvio_batch': 0.09}
+    half = 4.303 * 0.05 / math.sqrt(3)
+    row = tradeoff_row(summary, 'loss-free')
+    assert row['final_val_loss_ci95'] == pytest.approx([3.05 - half, 3.05 + half])     # (approx of a dict: flat only)
+    assert {k: v for k, v in row.items() if k != 'final_val_loss_ci95'} == pytest.approx({
+        'group': 'x (3 seeds)', 'name': 'x', 'kind': 'loss-free', 'n_runs': 3, 'final_val_loss_mean': 3.05,
+        'final_val_loss_half_width': half,
+        'final_maxvio_global_mean': 0.2, 'final_maxvio_global_min': 0.0, 'final_maxvio_global_max': 0.5,
+        'uniform_maxvio_global': 0.03, 'final_maxvio_batch_mean': None, 'final_maxvio_batch_min': None,
+        'final_maxvio_batch_max': None, 'uniform_maxvio_batch': 0.09})
+    # on the log axis MaxVio 0 (the min here) is drawn at MAXVIO_FLOOR; no maxvio_batch logged: no point
+    x, (left, right), y, yerr = tradeoff_point(row, 'maxvio_global')
+    assert (x, left, right, y, yerr) == pytest.approx((0.2, 0.2 - MAXVIO_FLOOR, 0.3, 3.05, half))
+    assert tradeoff_point(row, 'maxvio_batch') is None
+    assert maxvio_spread(row, 'maxvio_global') == '0.200 (0.000-0.500); random 0.030'
+    assert maxvio_spread(row, 'maxvio_batch') == '-'
+    one = tradeoff_row({**summary, 'n_runs': 1, 'final_val_loss_runs': [3.2], 'final_maxvio_global_runs': [0.4],
+                        'uniform_maxvio_global': None}, 'none')
+    assert one['final_val_loss_half_width'] is None and one['final_val_loss_ci95'] is None
+    assert tradeoff_point(one, 'maxvio_global') == (0.4, (0.0, 0.0), 3.2, None)     # one run: no bars
+    assert maxvio_spread(one, 'maxvio_global') == '0.400'
+    assert tradeoff_table([row, one]).splitlines()[2:4] == [
+        '| x (3 seeds) | loss-free | 3 | 3.0500 [2.9258, 3.1742] | 0.200 (0.000-0.500); random 0.030 | - |',
+        '| x (3 seeds) | none | 1 | 3.2000 | 0.400 | - |']
 
 
 def student_t_cdf(t: float, df: int) -> float:
@@ -330,7 +377,7 @@ def test_comparable_settings():
 def test_figures_table_and_summary_json(runs):
     out = runs / 'cmp'
     p = compare(*run_dirs(runs), '--out', out)
-    for name in ('val_loss.png', 'expert_selection.png', 'maxvio.png'):
+    for name in ('val_loss.png', 'expert_selection.png', 'maxvio.png', 'tradeoff.png'):
         assert (out / name).stat().st_size > 10_000, name
     summary = json.loads((out / 'summary.json').read_text())
     ds, moe, dense = summary['groups']
@@ -355,8 +402,29 @@ def test_figures_table_and_summary_json(runs):
     single = pairs['deepseek_moe (3 seeds)', 'dense (1 run)']
     assert single['mean_diff'] == pytest.approx(-0.15) and single['ci95'] is None
 
+    # the balance trade-off of the two MoE groups (not dense): deepseek_moe's final losses as in
+    # test_tradeoff_numbers_by_hand; moe's (3.04, 3.12, 3.09): mean 3.0833, squared deviations
+    # (0.13^2 + 0.11^2 + 0.02^2) / 9 = 0.0294 / 9, sd = sqrt(0.0294 / 18)
+    ds_trade, moe_trade = summary['tradeoff']
+    half = 4.303 * 0.05 / math.sqrt(3)
+    assert ds_trade.pop('final_val_loss_ci95') == pytest.approx([3.05 - half, 3.05 + half])
+    assert ds_trade == pytest.approx({
+        'group': 'deepseek_moe (3 seeds)', 'name': 'deepseek_moe', 'kind': 'both', 'n_runs': 3, 'final_val_loss_mean': 3.05,
+        'final_val_loss_half_width': half,
+        'final_maxvio_global_mean': 1.1 / 3, 'final_maxvio_global_min': 0.1, 'final_maxvio_global_max': 0.5,
+        'uniform_maxvio_global': uniform_maxvio(4, 2, 50), 'final_maxvio_batch_mean': 1.0 / 3,
+        'final_maxvio_batch_min': 0.2, 'final_maxvio_batch_max': 0.5, 'uniform_maxvio_batch': uniform_maxvio(4, 2, 512)})
+    assert moe_trade['kind'] == 'auxiliary loss' and moe_trade['final_val_loss_mean'] == pytest.approx(9.25 / 3)
+    assert moe_trade['final_val_loss_half_width'] == pytest.approx(4.303 * math.sqrt(0.0294 / 18) / math.sqrt(3))
+    assert (moe_trade['final_maxvio_batch_min'], moe_trade['final_maxvio_batch_max']) == (1.0, 1.0)
+    assert ds['final_maxvio_global_runs'] == pytest.approx([0.5, 0.5, 0.1]) and dense['final_maxvio_global_runs'] == [None]
+
     md = (out / 'summary.md').read_text()
     lines = md.splitlines()
+    assert next(x for x in lines if x.startswith('| deepseek_moe (3 seeds) | both')) == (
+        f'| deepseek_moe (3 seeds) | both | 3 | 3.0500 [2.9258, 3.1742] | 0.367 (0.100-0.500); random '
+        f'{uniform_maxvio(4, 2, 50):.3f} | 0.333 (0.200-0.500); random {uniform_maxvio(4, 2, 512):.3f} |')
+    assert '\n\nBalance trade-off:\n\n' in md and 'Balance trade-off:' in p.stdout
     # random routing's MaxVio for 4 experts, top-2: 512 tokens a step; 100 validation slots = 50 tokens
     assert ds['uniform_maxvio_batch'] == uniform_maxvio(4, 2, 512) and ds['uniform_maxvio_global'] == uniform_maxvio(4, 2, 50)
     assert dense['uniform_maxvio_batch'] is None and dense['uniform_maxvio_global'] is None
@@ -414,9 +482,13 @@ def test_single_run_still_works(runs):
     assert 'Differences' not in (out / 'summary.md').read_text()
     assert (out / 'val_loss.png').stat().st_size > 10_000
     assert not (out / 'maxvio.png').exists() and not (out / 'expert_selection.png').exists()   # dense: no experts
+    assert not (out / 'tradeoff.png').exists() and summary['tradeoff'] == []
     p = compare(runs / 'out-moe-1', '--out', runs / 'one-moe')                 # a single MoE run: no bands
     assert all((runs / 'one-moe' / f).stat().st_size > 10_000 for f in ('maxvio.png', 'expert_selection.png'))
     assert '| moe (1 run) | 1 | moe |' in p.stdout
+    # one MoE group is no trade-off: its row in summary.json, but no figure and no table
+    assert not (runs / 'one-moe' / 'tradeoff.png').exists() and 'Balance trade-off' not in p.stdout
+    assert [r['group'] for r in json.loads((runs / 'one-moe' / 'summary.json').read_text())['tradeoff']] == ['moe (1 run)']
 
 
 def test_truncated_empty_and_missing_metrics(runs):
@@ -436,7 +508,8 @@ def test_truncated_empty_and_missing_metrics(runs):
 
 
 def test_runs_of_one_group_ending_at_different_iterations(runs):
-    rows = moe_rows('moe', 4, (3.3, 3.5), [1.0, 1.0], [0.5, 0.5], [0.1, 0.0])[:-2]    # still running: last eval at 50
+    rows = moe_rows('moe', 4, (3.3, 3.5), [1.0, 1.0], [0.5, 0.5], [0.1, 0.0],
+                    balance_loss_coef=0.01)[:-2]                          # still running: last eval at 50
     write_run(runs / 'out-moe-4', rows)
     p = compare(runs / 'out-moe-1', runs / 'out-moe-4', '--out', runs / 'cmp')
     assert 'moe (2 seeds) end at different iterations [50, 100]' in p.stderr
