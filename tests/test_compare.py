@@ -1,5 +1,6 @@
 """compare.py on hand-written metrics.jsonl files (the schema train.py writes) and on two tiny real runs."""
 
+import itertools
 import json
 import math
 import os
@@ -14,8 +15,9 @@ from conftest import REPO, random_token_data, subprocess_env as env
 from compare import (FFN_SETTINGS, IGNORED_SETTINGS, MAXVIO_FLOOR, T_975, balancing_kind, count_label, curve_band,
                      differing_settings, group_runs, incomparable_settings, layer_mean, load_run, load_shares,
                      maxvio_spread, mean_interval, merge_per_iter, not_compared_text, pair_line, pair_stats,
-                     pairs_table, read_metrics, run_numbers, share_spread, split_looks, t_975, tradeoff_point,
-                     tradeoff_row, tradeoff_table, uniform_maxvio, welch_difference)
+                     pairs_table, read_metrics, run_numbers, seed_means, selection_counts, share_spread,
+                     sign_agreement, split_looks, t_975, tradeoff_point, tradeoff_row, tradeoff_table, uniform_maxvio,
+                     welch_difference)
 
 
 def compare(*args, check=True) -> subprocess.CompletedProcess:
@@ -108,16 +110,22 @@ def run_dirs(root) -> list:
 def test_pure_metric_functions():
     shares = load_shares([[10, 30, 0, 0], [5, 5, 5, 25]])
     assert shares == [[0.25, 0.75, 0.0, 0.0], [0.125, 0.125, 0.125, 0.625]]
-    assert all(sum(layer) == pytest.approx(1.0) for layer in shares)
+    assert load_shares([[0, 0], [1, 3]]) == [[0.0, 0.0], [0.25, 0.75]]      # a layer that received nothing
     assert layer_mean([0.6, 0.0]) == pytest.approx(0.3)
     assert layer_mean(None) is None and layer_mean([]) is None
-    # two runs: expert 0 of layer 0 has shares 0.25 and 0.5 -> mean 0.375, min 0.25, max 0.5
-    mean, low, high = share_spread([[[10, 30, 0, 0]], [[20, 20, 0, 0]]])
-    assert mean.tolist() == [[0.375, 0.625, 0.0, 0.0]]
-    assert low.tolist() == [[0.25, 0.5, 0.0, 0.0]] and high.tolist() == [[0.5, 0.75, 0.0, 0.0]]
-    # the band is taken where every curve has a point: x = 0 and 10 (x = 20 only in the first)
-    xs, mean, low, high = curve_band([[(0, 1.0), (10, 2.0), (20, 3.0)], [(0, 3.0), (10, 4.0)]])
-    assert xs == [0, 10] and mean.tolist() == [2.0, 3.0] and low.tolist() == [1.0, 2.0] and high.tolist() == [3.0, 4.0]
+    # three runs of 2 layers; run 3 routed only 4 token-slots per layer, so the mean of the runs' shares differs
+    # from the shares of the pooled counts (layer 0, expert 0: 31/84 = 0.369) and from their median (0.25)
+    #   shares, layer 0: (0.25, 0.75, 0, 0), (0.5, 0.5, 0, 0), (0.25, 0, 0, 0.75)
+    #           layer 1: (0.125, 0.125, 0.125, 0.625), (0.25, 0.25, 0.25, 0.25), (0, 0, 0.5, 0.5)
+    mean, low, high = share_spread([[[10, 30, 0, 0], [5, 5, 5, 25]], [[20, 20, 0, 0], [10, 10, 10, 10]],
+                                    [[1, 0, 0, 3], [0, 0, 2, 2]]])
+    np.testing.assert_allclose(mean, [[1 / 3, 1.25 / 3, 0.0, 0.25], [0.125, 0.125, 0.875 / 3, 1.375 / 3]])
+    np.testing.assert_allclose(low, [[0.25, 0.0, 0.0, 0.0], [0.0, 0.0, 0.125, 0.25]])
+    np.testing.assert_allclose(high, [[0.5, 0.75, 0.0, 0.75], [0.25, 0.25, 0.5, 0.625]])
+    # the band is taken where every curve has a point: x = 0 and 10 (x = 20 and 30 only in one); at x = 10 the
+    # values 2, 4, 9 have mean 5 (median 4)
+    xs, mean, low, high = curve_band([[(0, 1.0), (10, 2.0), (20, 3.0)], [(0, 3.0), (10, 4.0)], [(0, 2.0), (10, 9.0), (30, 1.0)]])
+    assert xs == [0, 10] and mean.tolist() == [2.0, 5.0] and low.tolist() == [1.0, 2.0] and high.tolist() == [3.0, 9.0]
 
 
 def test_uniform_maxvio_by_hand():
@@ -218,6 +226,9 @@ def test_paired_interval_and_sign_count_by_hand():
     assert p['half_width'] == pytest.approx(4.303 * math.sqrt(0.0028) / 3)     # 0.0759
     assert p['seeds_agree'] == 2
     assert pair_line('a', 'b', p) == 'a - b: -0.013 +- 0.076 (2/3 seeds lower; paired on seeds 1, 2, 3)'
+    # two runs of one seed count as their mean; a run of unknown seed pairs with nothing
+    assert seed_means([(1, 3.0), (1, 3.2), (None, 9.0), (2, 3.1)]) == pytest.approx({1: 3.1, 2: 3.1})
+    assert sign_agreement([0.0, 0.1, -0.1], 0.0) == 1 and sign_agreement([0.1, 0.2, -0.1], 0.2 / 3) == 2
     # the other way round: higher
     assert pair_line('b', 'a', pair_stats([(1, 3.04), (2, 3.12), (3, 3.03)], a[:3])) == 'b - a: 0.013 +- 0.076 (2/3 seeds higher)'
 
@@ -230,6 +241,7 @@ def test_welch_and_single_run_by_hand():
     assert diff == pytest.approx(0.1)
     assert df == pytest.approx(v ** 2 / (0.01 ** 2 + (0.07 / 3) ** 2 / 2)) and df == pytest.approx(2.98507, abs=1e-5)
     assert half == pytest.approx(4.303 * math.sqrt(v))                          # 0.7856
+    assert welch_difference([1.0, 1.0], [2.0, 2.0, 2.0]) == (-1.0, 0.0, 3.0)     # no spread: a point, df n_a + n_b - 2
     # only one shared seed (1): unpaired
     p = pair_stats([(1, 3.0), (2, 3.2)], [(1, 2.8), (6, 2.9), (7, 3.3)])
     assert p['method'] == 'welch' and p['seeds_agree'] is None and p['half_width'] == pytest.approx(half)
@@ -285,6 +297,7 @@ def test_grouping(tmp_path):
     groups = group_runs([runs['ds1'], runs['ds2'], load_run(str(tmp_path / 'gpu'))])
     assert [g['label'] for g in groups] == ['deepseek_moe [dtype=float32] (2 seeds)', 'deepseek_moe [dtype=bfloat16] (1 run)']
     assert count_label([1]) == '1 run' and count_label([1, 2, 3]) == '3 seeds' and count_label([1, 1]) == '2 runs'
+    assert count_label([1, None]) == '2 runs'
 
 
 def look_rows(run: list[dict], flagged: bool) -> list[dict]:
@@ -365,9 +378,17 @@ def test_comparable_settings():
     # every FFN setting is one of train.py's, but for the balancing and routing settings train.py is gaining
     # (a misspelt name would make groups that differ in that setting incomparable)
     from train import DEFAULTS
-    assert set(FFN_SETTINGS) - set(DEFAULTS) <= {'bias_update_rule', 'bias_update_schedule', 'bias_recenter', 'routing',
-                                                 'expert_choice_scope'}
+    gaining = {'bias_update_rule', 'bias_update_schedule', 'bias_recenter', 'routing', 'expert_choice_scope'}
+    assert set(FFN_SETTINGS) - set(DEFAULTS) <= gaining and gaining <= set(FFN_SETTINGS)
     assert not set(FFN_SETTINGS) & set(IGNORED_SETTINGS) and 'moe_dispatch' in IGNORED_SETTINGS
+    # the study's FFN configs change only FFN settings (and out_dir): every two of them are comparable, at either size
+    from configurator import configure
+    ffn_configs = sorted(f for f in os.listdir(os.path.join(REPO, 'config')) if f != 'tinystories_cpu.py')
+    assert {'dense.py', 'moe.py', 'deepseek_moe.py'} <= set(ffn_configs)
+    for size in ([], [os.path.join(REPO, 'config', 'tinystories_cpu.py')]):
+        settings = {f: configure(DEFAULTS, size + [os.path.join(REPO, 'config', f)]) for f in ffn_configs}
+        for a, b in itertools.combinations(ffn_configs, 2):
+            assert incomparable_settings(settings[a], settings[b]) == [], (a, b)
 
 
 # -----------------------------------------------------------------------------
@@ -398,7 +419,8 @@ def test_figures_table_and_summary_json(runs):
                            ('moe (3 seeds)', 'dense (1 run)')]
     paired = pairs['deepseek_moe (3 seeds)', 'moe (3 seeds)']
     assert paired['mean_diff'] == pytest.approx(-0.1 / 3) and paired['half_width'] == pytest.approx(4.303 * 0.02 / 3)
-    assert paired['seeds_agree'] == 3 and paired['n_seeds'] == 3 and len(paired['ci95']) == 2
+    assert paired['seeds_agree'] == 3 and paired['n_seeds'] == 3 and paired['all_paired']
+    assert paired['ci95'] == pytest.approx([-0.1 / 3 - 4.303 * 0.02 / 3, -0.1 / 3 + 4.303 * 0.02 / 3])
     single = pairs['deepseek_moe (3 seeds)', 'dense (1 run)']
     assert single['mean_diff'] == pytest.approx(-0.15) and single['ci95'] is None
 
@@ -435,7 +457,10 @@ def test_figures_table_and_summary_json(runs):
         '| dense (1 run) | 1 | dense | 0.00M | 0.00M | 3.0000 | 3.2000 (100) | 200 | - | - | - |')
     assert '| deepseek_moe - moe | -0.033 | [-0.062, -0.005] (± 0.029) | 3/3 lower (paired by seed) |' in lines
     assert '| deepseek_moe - dense | -0.150 | - | a group of one run |' in lines
-    assert 'maxvio_batch' in md and 'maxvio_global' in md
+    # moe: dropped shares (0.1, 0.0) per layer -> 0.05 per run, in percent
+    assert next(x for x in lines if x.startswith('| moe (3 seeds)')) == (
+        '| moe (3 seeds) | 3 | moe | 0.00M | 0.00M | 3.0833 ± 0.0404 | 3.0833 ± 0.0404 (100) | 200 | '
+        f'1.000 ({uniform_maxvio(4, 2, 512):.3f}) | 0.500 ({uniform_maxvio(4, 2, 50):.3f}) | 5.00% |')
     assert md.split('\n\nDifferences')[0] in p.stdout
     assert 'deepseek_moe - moe: -0.033 +- 0.029 (3/3 seeds lower)' in p.stdout.splitlines()
     assert 'moe - dense: -0.117 (a group of one run: no interval)' in p.stdout.splitlines()
@@ -503,6 +528,10 @@ def test_truncated_empty_and_missing_metrics(runs):
     assert 'out-none/metrics.jsonl is missing' in p.stderr
     assert '| moe (1 run) | 1 | moe' in p.stdout and '| dense (1 run) | 1 | dense' in p.stdout
     assert (runs / 'cmp' / 'expert_selection.png').exists()     # from the in-progress eval's validation counts
+    assert selection_counts(load_run(str(runs / 'out-cut'))) == (
+        [[40, 20, 20, 20], [25, 25, 25, 25]], [0, 1], 'in progress: validation batches at iter 100')
+    assert selection_counts(load_run(str(runs / 'out-moe-1')))[1:] == ([0, 1], 'final')
+    assert selection_counts(load_run(str(runs / 'out-dense'))) is None
     p = compare(runs / 'out-empty', '--out', runs / 'cmp2', check=False)
     assert p.returncode != 0 and 'no usable runs' in p.stderr and 'Traceback' not in p.stderr
 
