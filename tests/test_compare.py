@@ -561,9 +561,21 @@ def test_two_tiny_real_runs_and_routing(tmp_path, gpt2):
     for config in ('dense', 'deepseek_moe'):
         subprocess.run([sys.executable, 'train.py', f'config/{config}.py', *tiny, f'--out_dir={tmp_path / ("out-" + config)}'],
                        cwd=REPO, env=env(), check=True, capture_output=True, timeout=300)
+    # an eval_only look at the finished deepseek_moe run appends a config row and an eval row at iteration 10
+    run_dir = tmp_path / 'out-deepseek_moe'
+    before = read_metrics(str(run_dir / 'metrics.jsonl'))
+    subprocess.run([sys.executable, 'train.py', '--init_from=resume', f'--out_dir={run_dir}', '--eval_only=True'],
+                   cwd=REPO, env=env(), check=True, capture_output=True, timeout=300)
+    look = read_metrics(str(run_dir / 'metrics.jsonl'))[len(before):]
+    assert [(r['type'], r['iter']) for r in look] == [('config', 10), ('eval', 10)] and look[0]['config']['eval_only']
+    assert 'maxvio_batch' not in look[1]
+    own_final = [r for r in before if r['type'] == 'eval'][-1]
     out = tmp_path / 'cmp'
     p = compare(tmp_path / 'out-dense', tmp_path / 'out-deepseek_moe', '--out', out)
     assert all((out / f).exists() for f in ('val_loss.png', 'expert_selection.png', 'maxvio.png', 'summary.md', 'summary.json'))
+    look_free = json.loads((out / 'summary.json').read_text())['groups'][1]
+    assert look_free['label'] == 'deepseek_moe (1 run)' and look_free['final_val_loss_runs'] == [own_final['val_loss']]
+    assert look_free['final_maxvio_batch'] == pytest.approx(np.mean(own_final['maxvio_batch']))
     sel = [r for r in read_metrics(str(tmp_path / 'out-deepseek_moe' / 'metrics.jsonl')) if r['type'] == 'expert_selection'][0]
     assert all(sum(layer) == pytest.approx(1.0) for layer in load_shares(sel['counts']))
     assert '| deepseek_moe (1 run) | 1 | deepseek_moe' in p.stdout
