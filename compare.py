@@ -13,9 +13,17 @@ Writes to --out:
                         maxvio_batch (per training step) and maxvio_global (over the validation batches),
                         with random routing's MaxVio dotted (uniform_maxvio)
   expert_selection.png  per MoE group and layer, the mean share of token-slots per expert, min-max over seeds
-  summary.md            the group table and the differences of final val loss between every two groups
-                        (also printed), with a 95% interval over seeds
-  summary.json          the same numbers for scripts: {"groups": [...], "pairs": [...]}
+  tradeoff.png          the balance trade-off (Wang et al. 2024, Fig. 1): final val loss against final
+                        maxvio_global and maxvio_batch, one point per MoE group (mean over seeds, 95% interval
+                        of the loss, min-max of the MaxVio), marked by how it balances (balancing_kind), random
+                        routing's MaxVio dotted; written for two or more MoE groups
+  summary.md            the group table, the differences of final val loss between every two comparable
+                        groups with a 95% interval over seeds, and for two or more MoE groups the balance
+                        trade-off (all also printed). Groups are comparable when they differ only in the FFN's
+                        own settings (FFN_SETTINGS) and the seed; other pairs get a warning naming the settings
+                        that differ, and no difference
+  summary.json          the same numbers for scripts: {"groups": [...], "pairs": [...], "not_compared": [...],
+                        "tradeoff": [...]} (tradeoff: one row per MoE group, tradeoff_row)
 Every number comes from the runs' metrics.jsonl (written by train.py); losses are pure cross-entropy.
 --routing loads a checkpoint and writes routing.png (token x expert gate values in one layer) and
 top_tokens.md (the most frequent tokens each expert receives on validation data).
@@ -78,21 +86,42 @@ def run_label(config_row: dict) -> str:
     return describe_model(config_row['model_args'])
 
 
-def last_per_iter(rows: list[dict]) -> list[dict]:
-    """One row per iteration, the last one written, in iteration order. A run killed between two
-    checkpoints and resumed logs the steps after its last checkpoint twice; the second time counts."""
-    return sorted({r['iter']: r for r in rows}.values(), key=lambda r: r['iter'])
+def split_looks(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The rows of the run itself and those of its eval_only looks, each in the order written. A look
+    (python train.py --init_from=resume --out_dir=X --eval_only=True) appends a config row whose settings
+    have eval_only True and an eval row at the checkpoint's iteration, after no training steps (so without
+    maxvio_batch, dropped_frac or expert_counts). A row is a look's if it says so ("eval_only": true in its
+    eval row, which newer runs write) or follows a look's config row (older runs), up to the next config row."""
+    own, looks = [], []
+    in_look = False
+    for r in rows:
+        if r.get('type') == 'config':
+            in_look = bool(r.get('config', {}).get('eval_only'))
+        (looks if in_look or r.get('eval_only') else own).append(r)
+    return own, looks
+
+
+def merge_per_iter(rows: list[dict]) -> list[dict]:
+    """One row per iteration, in iteration order. A run killed between two checkpoints and resumed logs the
+    steps after its last checkpoint twice; the second time counts: rows of one iteration are merged in the
+    order written, the later row's values winning and the keys it lacks keeping the earlier row's values."""
+    merged = {}
+    for r in rows:
+        merged[r['iter']] = {**merged.get(r['iter'], {}), **r}
+    return sorted(merged.values(), key=lambda r: r['iter'])
 
 
 def load_run(run_dir: str) -> dict | None:
     """A run's rows grouped by type, its latest config row (a resumed run appends one), its seed and
-    label; None (with a warning) if unusable. 'dir' is run_dir as given."""
+    label; None (with a warning) if unusable. 'dir' is run_dir as given. The rows of eval_only looks
+    (split_looks) are left out: a look changes neither the run's settings, label, curves nor final numbers."""
     path = os.path.join(run_dir, 'metrics.jsonl')
-    rows = read_metrics(path)
+    rows, looks = split_looks(read_metrics(path))
     configs = [r for r in rows if r.get('type') == 'config']
     evals = [r for r in rows if r.get('type') == 'eval' and r.get('val_loss') is not None]
     if not configs or not evals:
-        print(f"warning: {path} is missing or has no config/eval rows; run skipped", file=sys.stderr)
+        only_looks = ' (only eval_only looks)' if looks else ''
+        print(f"warning: {path} is missing or has no config/eval rows{only_looks}; run skipped", file=sys.stderr)
         return None
     cfg = configs[-1]
     named = [c for c in configs if c.get('config_files')] or [cfg]     # a resume may have been given no files
@@ -100,7 +129,7 @@ def load_run(run_dir: str) -> dict | None:
     return {
         'dir': run_dir, 'name': os.path.basename(os.path.normpath(run_dir)), 'label': run_label(named[-1]),
         'seed': cfg.get('config', {}).get('seed'), 'config': cfg, 'ffn_type': cfg['model_args']['ffn_type'],
-        'evals': last_per_iter(evals), 'train': last_per_iter(trains),
+        'evals': merge_per_iter(evals), 'train': merge_per_iter(trains),
         'selection': next((r for r in reversed(rows) if r.get('type') == 'expert_selection'), None),
     }
 
@@ -120,6 +149,29 @@ def differing_settings(configs: list[dict]) -> list[str]:
     keys of all configs are compared; a config missing a key counts as None there."""
     keys = sorted(set().union(*configs) - set(IGNORED_SETTINGS))
     return [k for k in keys if any(c.get(k) != configs[0].get(k) for c in configs[1:])]
+
+
+# The FFN's own settings: what a comparison of FFNs varies (its type and widths, the experts and their routing,
+# the balancing losses and biases). Two groups are compared (the difference of their final val loss) only if
+# they differ in nothing but these and IGNORED_SETTINGS (the seed among them): the same data, steps, tokens per
+# step, model outside the FFN, optimizer and dtype. Otherwise a difference mixes the FFN with everything else.
+FFN_SETTINGS = ('ffn_type', 'ffn_hidden', 'n_dense_layers', 'n_experts', 'top_k', 'expert_hidden', 'n_shared_experts',
+                'capacity_factor', 'score_func', 'aux_loss_coef', 'balance_loss_coef', 'z_loss_coef', 'seq_aux_coef',
+                'bias_update_speed', 'bias_update_rule', 'bias_update_schedule', 'bias_recenter', 'routing',
+                'expert_choice_scope')
+
+
+def incomparable_settings(a: dict, b: dict) -> list[str]:
+    """The settings (sorted) in which two groups' settings differ outside FFN_SETTINGS and IGNORED_SETTINGS:
+    why the two cannot be compared; [] if they can."""
+    return [k for k in differing_settings([a, b]) if k not in FFN_SETTINGS]
+
+
+def not_compared_text(a_name: str, b_name: str, a: dict, b: dict, keys: list[str]) -> str:
+    """Why two groups are not compared: 'deepseek_moe and moe differ in max_iters (40 vs 4), n_embd (128 vs 384):
+    not compared' (a setting one of them lacks shows as None)."""
+    values = ', '.join(f"{k} ({a.get(k)} vs {b.get(k)})" for k in keys)
+    return f"{a_name} and {b_name} differ in {values}: not compared"
 
 
 def count_label(seeds: list) -> str:
@@ -176,11 +228,6 @@ def layer_mean(values: list[float] | None) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def last_logged(evals: list[dict], key: str):
-    """The value of key in the last eval row that holds it, or None."""
-    return next((r[key] for r in reversed(evals) if r.get(key) is not None), None)
-
-
 def present(values: list) -> list:
     """The values that are not None."""
     return [v for v in values if v is not None]
@@ -188,18 +235,21 @@ def present(values: list) -> list:
 
 def run_numbers(run: dict) -> dict:
     """The numbers of one run: best and final val loss, the iteration of the final eval, the median
-    tokens/s of its train rows (the last eval's if it has none), and the final maxvio_batch, maxvio_global
-    and dropped share, each averaged over MoE layers (None for a dense run). Final = the last eval row that
-    has the value (an eval with no training steps before it, as in eval_only, logs no maxvio_batch)."""
+    tokens/s of its train rows (the final eval's if it has none), and the final maxvio_batch, maxvio_global
+    and dropped share, each averaged over MoE layers (None for a dense run, or where the final eval lacks
+    it: an eval with no training steps before it, as at iteration 0, logs no maxvio_batch). Final = the
+    final eval row (load_run has merged the rows of one iteration and left eval_only looks out), for every
+    number: no value of an earlier eval stands in for a missing one."""
     evals = run['evals']
+    final = evals[-1]
     speeds = present([r.get('tokens_per_s') for r in run['train']])
     return {
-        'best_val_loss': min(r['val_loss'] for r in evals), 'final_val_loss': evals[-1]['val_loss'],
-        'final_iter': evals[-1]['iter'],
-        'tokens_per_s': statistics.median(speeds) if speeds else evals[-1].get('tokens_per_s'),
-        'maxvio_batch': layer_mean(last_logged(evals, 'maxvio_batch')),
-        'maxvio_global': layer_mean(last_logged(evals, 'maxvio_global')),
-        'dropped_share': layer_mean(last_logged(evals, 'dropped_frac')),
+        'best_val_loss': min(r['val_loss'] for r in evals), 'final_val_loss': final['val_loss'],
+        'final_iter': final['iter'],
+        'tokens_per_s': statistics.median(speeds) if speeds else final.get('tokens_per_s'),
+        'maxvio_batch': layer_mean(final.get('maxvio_batch')),
+        'maxvio_global': layer_mean(final.get('maxvio_global')),
+        'dropped_share': layer_mean(final.get('dropped_frac')),
     }
 
 
@@ -230,11 +280,11 @@ def t_975(df: int) -> float:
     return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
 
 
-def paired_difference(diffs: list[float]) -> tuple[float, float]:
-    """Mean of the per-seed differences d_s (n >= 2) and the half-width t_{0.975, n-1} * sd(d) / sqrt(n)
-    of its 95% interval."""
-    mean, sd = mean_std(diffs)
-    return mean, t_975(len(diffs) - 1) * sd / math.sqrt(len(diffs))
+def mean_interval(values: list[float]) -> tuple[float, float | None]:
+    """Mean of values and the half-width t_{0.975, n-1} * sd / sqrt(n) of its 95% t interval (sd the sample
+    standard deviation); the half-width is None for a single value."""
+    mean, sd = mean_std(values)
+    return mean, (None if sd is None else t_975(len(values) - 1) * sd / math.sqrt(len(values)))
 
 
 def welch_difference(a: list[float], b: list[float]) -> tuple[float, float, float]:
@@ -277,7 +327,7 @@ def pair_stats(a: list[tuple[int | None, float]], b: list[tuple[int | None, floa
     out = {'n_seeds': None, 'seeds_agree': None, 'paired_seeds': None, 'all_paired': None}
     if len(shared) >= 2:
         diffs = [seeds_a[s] - seeds_b[s] for s in shared]
-        diff, half = paired_difference(diffs)
+        diff, half = mean_interval(diffs)
         out.update(method='paired', df=len(diffs) - 1, n_seeds=len(diffs), seeds_agree=sign_agreement(diffs, diff),
                    paired_seeds=shared, all_paired=len(a) == len(b) == len(shared))
     elif len(a) >= 2 and len(b) >= 2:
@@ -336,7 +386,7 @@ def uniform_references(run: dict) -> dict:
     if args['ffn_type'] == 'dense':
         return {'uniform_maxvio_batch': None, 'uniform_maxvio_global': None}
     k, n = args['top_k'], args['n_experts']
-    val_counts = last_logged(run['evals'], 'val_expert_counts')
+    val_counts = run['evals'][-1].get('val_expert_counts')
     val_tokens = round(sum(val_counts[0]) / k) if val_counts else None
     step_tokens = run['config'].get('tokens_per_iter')
     return {'uniform_maxvio_batch': uniform_maxvio(n, k, step_tokens) if step_tokens else None,
@@ -347,8 +397,9 @@ def group_summary(group: dict) -> dict:
     """The numbers of one group, as written to summary.json: 'runs' are the run directories as given;
     val losses as mean and sample std over the runs (std None for one run), and per run ('..._runs');
     tokens_per_s the median over runs of each run's median; final maxvio_batch, maxvio_global and dropped
-    share the last eval's value averaged over MoE layers, then over runs; uniform_maxvio_batch and
-    uniform_maxvio_global what random routing would show for the same token counts (uniform_references)."""
+    share the last eval's value averaged over MoE layers, then over runs (the MaxVio also per run, '..._runs',
+    None for a dense run); uniform_maxvio_batch and uniform_maxvio_global what random routing would show for
+    the same token counts (uniform_references)."""
     runs = group['runs']
     numbers = [run_numbers(r) for r in runs]
     best, final = [n['best_val_loss'] for n in numbers], [n['final_val_loss'] for n in numbers]
@@ -364,20 +415,62 @@ def group_summary(group: dict) -> dict:
         'tokens_per_s': statistics.median(speeds) if speeds else None,
         'final_maxvio_batch': mean_or_none([n['maxvio_batch'] for n in numbers]),
         'final_maxvio_global': mean_or_none([n['maxvio_global'] for n in numbers]),
+        'final_maxvio_batch_runs': [n['maxvio_batch'] for n in numbers],
+        'final_maxvio_global_runs': [n['maxvio_global'] for n in numbers],
         'dropped_share': mean_or_none([n['dropped_share'] for n in numbers]),
         **uniform_references(runs[0]),
     }
 
 
-def compare_groups(summaries: list[dict]) -> list[dict]:
-    """pair_stats of every two groups (a, b) in order (a before b), with the groups' labels, their names (the
-    labels without the count) and the text line."""
-    pairs = []
-    for a, b in itertools.combinations(summaries, 2):
+# the balancing losses a MoE can add to its objective (the router z-loss keeps logits small and does not balance)
+BALANCE_LOSSES = ('aux_loss_coef', 'balance_loss_coef', 'seq_aux_coef')
+
+
+def balancing_kind(settings: dict) -> str:
+    """How a MoE balances its experts' load: 'loss-free' (bias_update_speed > 0, the auxiliary-loss-free
+    biases of Wang et al. 2024, and no balancing loss), 'auxiliary loss' (one of BALANCE_LOSSES > 0 and no
+    bias updates), 'both', or 'none'. A setting a run lacks (older runs) counts as 0."""
+    bias = (settings.get('bias_update_speed') or 0) > 0
+    loss = any((settings.get(k) or 0) > 0 for k in BALANCE_LOSSES)
+    if bias and loss:
+        return 'both'
+    if bias:
+        return 'loss-free'
+    return 'auxiliary loss' if loss else 'none'
+
+
+def tradeoff_row(summary: dict, kind: str) -> dict:
+    """One MoE group in the balance trade-off (tradeoff.png, summary.json 'tradeoff'): its balancing_kind, the
+    mean final val loss over its runs with the half-width and bounds of its 95% t interval (mean_interval;
+    None for one run), and for maxvio_global and maxvio_batch the mean, min and max over its runs of the final
+    value (None where no run logged it) beside random routing's (uniform_...)."""
+    mean, half = mean_interval(summary['final_val_loss_runs'])
+    row = {'group': summary['label'], 'name': summary['name'], 'kind': kind, 'n_runs': summary['n_runs'],
+           'final_val_loss_mean': mean, 'final_val_loss_half_width': half,
+           'final_val_loss_ci95': None if half is None else [mean - half, mean + half]}
+    for key in ('maxvio_global', 'maxvio_batch'):
+        values = present(summary[f'final_{key}_runs'])
+        row.update({f'final_{key}_mean': statistics.mean(values) if values else None,
+                    f'final_{key}_min': min(values, default=None), f'final_{key}_max': max(values, default=None),
+                    f'uniform_{key}': summary[f'uniform_{key}']})
+    return row
+
+
+def compare_groups(groups: list[dict], summaries: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Every two groups (a, b) in order (a before b), with the groups' labels and names (the labels without the
+    count): the comparable pairs with their pair_stats and text line, and the pairs that are not comparable
+    (incomparable_settings) with 'differ' {setting: [a's value, b's value]} and the text why, but no numbers."""
+    pairs, not_compared = [], []
+    for (ga, a), (gb, b) in itertools.combinations(zip(groups, summaries), 2):
+        names = {'a': a['label'], 'b': b['label'], 'a_name': a['name'], 'b_name': b['name']}
+        keys = incomparable_settings(ga['settings'], gb['settings'])
+        if keys:
+            not_compared.append({**names, 'differ': {k: [ga['settings'].get(k), gb['settings'].get(k)] for k in keys},
+                                 'text': not_compared_text(a['name'], b['name'], ga['settings'], gb['settings'], keys)})
+            continue
         p = pair_stats(list(zip(a['seeds'], a['final_val_loss_runs'])), list(zip(b['seeds'], b['final_val_loss_runs'])))
-        pairs.append({'a': a['label'], 'b': b['label'], 'a_name': a['name'], 'b_name': b['name'], **p,
-                      'text': pair_line(a['name'], b['name'], p)})
-    return pairs
+        pairs.append({**names, **p, 'text': pair_line(a['name'], b['name'], p)})
+    return pairs, not_compared
 
 
 def fmt(v: float | None, spec: str) -> str:
@@ -426,6 +519,34 @@ def pairs_table(pairs: list[dict]) -> str:
         else:
             seeds = 'a group of one run'
         lines.append(f"| {p['a_name']} - {p['b_name']} | {p['mean_diff']:.3f} | {interval} | {seeds} |")
+    return '\n'.join(lines)
+
+
+def maxvio_spread(row: dict, key: str) -> str:
+    """A MaxVio cell of the trade-off table: the mean over runs, min-max over them (for several runs), and
+    random routing's value: '0.367 (0.100-0.500); random 0.030'."""
+    if row[f'final_{key}_mean'] is None:
+        return '-'
+    spread = f" ({row[f'final_{key}_min']:.3f}-{row[f'final_{key}_max']:.3f})" if row['n_runs'] > 1 else ''
+    uniform = row[f'uniform_{key}']
+    return f"{row[f'final_{key}_mean']:.3f}{spread}" + ('' if uniform is None else f"; random {uniform:.3f}")
+
+
+def tradeoff_table(rows: list[dict]) -> str:
+    """The balance trade-off of summary.md (one row per MoE group, tradeoff_row), with a legend of its columns."""
+    lines = ['| group | balancing | runs | final val loss [95% interval] | final maxvio_global (min-max) | '
+             'final maxvio_batch (min-max) |', '|---|---|---:|---:|---:|---:|']
+    for r in rows:
+        loss = f"{r['final_val_loss_mean']:.4f}"
+        if r['final_val_loss_ci95'] is not None:
+            loss += f" [{r['final_val_loss_ci95'][0]:.4f}, {r['final_val_loss_ci95'][1]:.4f}]"
+        lines.append(f"| {r['group']} | {r['kind']} | {r['n_runs']} | {loss} | {maxvio_spread(r, 'maxvio_global')} | "
+                     f"{maxvio_spread(r, 'maxvio_batch')} |")
+    lines += ['', "balancing: loss-free = bias updates (Wang et al. 2024) and no balancing loss; auxiliary loss = an "
+              "aux, balance or sequence-wise loss and no bias updates; both; none. Final val loss: mean over the "
+              "group's runs, 95% t interval of the mean (mean ± t_{0.975, n-1} sd / sqrt(n); none for one run). "
+              "MaxVio: the final eval's, averaged over MoE layers, mean over runs (min-max over runs); random = "
+              "the MaxVio random routing of as many tokens shows."]
     return '\n'.join(lines)
 
 
@@ -480,6 +601,9 @@ def plot_val_loss(groups: list[dict], colors: dict, path: str) -> None:
     plt.close(fig)
 
 
+# MaxVio 0 (perfect balance) is drawn at this value on log axes
+MAXVIO_FLOOR = 1e-3
+
 # the two panels of maxvio.png: the key of the eval rows and what it measures
 MAXVIO_PANELS = (('maxvio_batch', "maxvio_batch: MaxVio of each training step's expert load,\n"
                                   "mean over the steps since the previous eval"),
@@ -494,8 +618,8 @@ def plot_maxvio(groups: list[dict], summaries: list[dict], colors: dict, path: s
     drawn = False
     for ax, (key, title) in zip(axes, MAXVIO_PANELS):
         for g, summary in zip(groups, summaries):
-            # MaxVio 0 (perfect balance) is drawn at 1e-3 on the log axis
-            curves = [[(r['iter'], max(layer_mean(r[key]), 1e-3)) for r in run['evals'] if r.get(key)] for run in g['runs']]
+            curves = [[(r['iter'], max(layer_mean(r[key]), MAXVIO_FLOOR)) for r in run['evals'] if r.get(key)]
+                      for run in g['runs']]
             curves = [c for c in curves if c]
             if curves:
                 draw_group(ax, curves, colors[g['name']], g['label'])
@@ -516,6 +640,73 @@ def plot_maxvio(groups: list[dict], summaries: list[dict], colors: dict, path: s
         fig.savefig(path, dpi=120)
     plt.close(fig)
     return drawn
+
+
+# the marker and colour of each balancing_kind in tradeoff.png
+KIND_STYLE = {'loss-free': ('o', 'tab:green'), 'auxiliary loss': ('s', 'tab:blue'), 'both': ('D', 'tab:purple'),
+              'none': ('^', 'tab:gray')}
+
+
+def tradeoff_point(row: dict, key: str) -> tuple[float, tuple[float, float], float, float | None] | None:
+    """Where a tradeoff_row is drawn in the panel of key ('maxvio_global' | 'maxvio_batch'): x = its mean MaxVio
+    and the distances from it down to the min and up to the max (each value drawn no lower than MAXVIO_FLOOR,
+    0 has no place on a log axis), y = its mean final val loss and the interval's half-width (None for one run).
+    None if no run of the group logged that MaxVio."""
+    if row[f'final_{key}_mean'] is None:
+        return None
+    low, x, high = (max(row[f'final_{key}_{s}'], MAXVIO_FLOOR) for s in ('min', 'mean', 'max'))
+    return x, (x - low, high - x), row['final_val_loss_mean'], row['final_val_loss_half_width']
+
+
+def log_tick(value: float, _pos=None) -> str:
+    """A tick label of a log axis in plain numbers, at 1, 2 and 5 times a power of ten only (all nine crowd)."""
+    mantissa = value / 10 ** math.floor(math.log10(value) + 1e-9)
+    return f'{value:g}' if round(mantissa) in (1, 2, 5) else ''
+
+
+def plot_tradeoff(rows: list[dict], path: str) -> bool:
+    """tradeoff.png: the balance trade-off of Wang et al. 2024 (Fig. 1, Table 2): final val loss against final
+    maxvio_global (left) and maxvio_batch (right), one point per MoE group (tradeoff_point), marked by its
+    balancing_kind, with random routing's MaxVio as dotted lines; False (nothing written) for fewer than two
+    MoE groups with a MaxVio."""
+    if sum(1 for r in rows if r['final_maxvio_global_mean'] is not None or r['final_maxvio_batch_mean'] is not None) < 2:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
+    titles = dict(MAXVIO_PANELS)
+    for ax, key in zip(axes, ('maxvio_global', 'maxvio_batch')):
+        kinds = set()
+        for r in rows:
+            point = tradeoff_point(r, key)
+            if point is None:
+                continue
+            x, (left, right), y, half = point
+            marker, color = KIND_STYLE[r['kind']]
+            ax.errorbar(x, y, xerr=[[left], [right]], yerr=None if half is None else [[half], [half]], fmt=marker,
+                        color=color, capsize=3, markersize=7, label=None if r['kind'] in kinds else r['kind'])
+            kinds.add(r['kind'])
+            ax.annotate(r['name'], (x, y), textcoords='offset points', xytext=(5, 5), fontsize=7)
+        references = {}                         # random routing's MaxVio -> the groups it belongs to
+        for r in rows:
+            if r[f'uniform_{key}'] is not None and r[f'final_{key}_mean'] is not None:
+                references.setdefault(r[f'uniform_{key}'], []).append(r['name'])
+        for value, names in sorted(references.items()):
+            ax.axvline(value, color='black', ls=':', lw=1, label=f"random routing ({value:.3f}): {', '.join(names)}")
+            ax.text(value, 0.98, f' random {value:.3f}', transform=ax.get_xaxis_transform(), rotation=90, va='top',
+                    fontsize=6)
+        ax.set_xscale('log')
+        for axis_ticks in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+            axis_ticks(plt.FuncFormatter(log_tick))
+        ax.set(xlabel=f'final {key}, mean over layers (log; bars min-max over runs)',
+               ylabel='final validation loss (bars: 95% interval of the mean)', title=titles[key])
+        ax.grid(alpha=0.3, which='both')
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle('Load balance against validation loss (Wang et al. 2024): one point per MoE group, mean over its '
+                 f'seeds; lower and further left is better; MaxVio 0 drawn at {MAXVIO_FLOOR:g}', fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def selection_counts(run: dict) -> tuple[list[list[float]], list[int], str] | None:
@@ -694,23 +885,37 @@ def main() -> None:
         written.append('maxvio.png')
     if plot_expert_selection(groups, colors, os.path.join(args.out, 'expert_selection.png')):
         written.append('expert_selection.png')
+    tradeoff = [tradeoff_row(s, balancing_kind(g['settings'])) for g, s in zip(groups, summaries)
+                if s['ffn_type'] != 'dense']
+    if plot_tradeoff(tradeoff, os.path.join(args.out, 'tradeoff.png')):
+        written.append('tradeoff.png')
 
     for s in summaries:
         if len(s['final_iters']) > 1:
             print(f"warning: the runs of {s['label']} end at different iterations {s['final_iters']} (some still "
                   f"running?); its final val loss mixes them", file=sys.stderr)
-    pairs = compare_groups(summaries)
+    pairs, not_compared = compare_groups(groups, summaries)
+    for q in not_compared:
+        print(f"warning: {q['text']}", file=sys.stderr)
     table = markdown_table(summaries)
     with open(os.path.join(args.out, 'summary.md'), 'w') as f:
         f.write(table + '\n')
         if pairs:
             f.write('\nDifferences of final val loss between groups, 95% interval over seeds:\n\n' + pairs_table(pairs) + '\n')
+        if not_compared:
+            f.write('\nNot compared (groups that differ in more than the FFN and the seed):\n\n'
+                    + '\n'.join(f"- {q['text']}" for q in not_compared) + '\n')
+        if len(tradeoff) >= 2:
+            f.write('\nBalance trade-off:\n\n' + tradeoff_table(tradeoff) + '\n')
     with open(os.path.join(args.out, 'summary.json'), 'w') as f:
-        json.dump({'groups': summaries, 'pairs': pairs}, f, indent=1)
+        json.dump({'groups': summaries, 'pairs': pairs, 'not_compared': not_compared, 'tradeoff': tradeoff}, f,
+                  indent=1)
     print(table)
     if pairs:
         print('\nDifferences of final val loss (a - b), 95% interval over seeds:')
         print('\n'.join(p['text'] for p in pairs))
+    if len(tradeoff) >= 2:
+        print('\nBalance trade-off:\n' + tradeoff_table(tradeoff))
     print(f"\nwrote {', '.join(os.path.join(args.out, w) for w in written + ['summary.md', 'summary.json'])}")
 
 
