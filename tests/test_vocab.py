@@ -233,3 +233,60 @@ def test_prepare_command_names_the_script_that_writes_a_dataset(tmp_path):
     assert prepare_command('tinystories_v4096') == 'python data/tinystories/prepare.py --vocab 4096'
     with pytest.raises(FileNotFoundError, match='run python data/openwebtext/prepare.py --vocab 8192 '):
         open_data(str(tmp_path), 'openwebtext_v8192', 16)
+
+
+# -----------------------------------------------------------------------------
+# train.py, sample.py and compare.py on a compact vocabulary
+
+TINY = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_embd=32', '--n_head=2', '--block_size=32',
+        '--batch_size=4', '--eval_iters=2', '--log_interval=5', '--warmup_iters=2', '--lr_decay_iters=10']
+
+
+def script(*args, check=True) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    if check and p.returncode:
+        raise AssertionError(p.stdout + p.stderr)
+    return p
+
+
+def test_train_takes_vocab_size_from_meta_and_sample_decodes_through_it(sample, tmp_path):
+    _, v_dir, _ = sample
+    out = tmp_path / 'run'
+    p = script('train.py', 'config/deepseek_moe.py', *TINY, f'--data_dir={v_dir}', f'--out_dir={out}',
+               '--max_iters=10', '--eval_interval=10')
+    assert f"vocab_size 4096 (from meta.pkl): {v_dir / 'meta.pkl'} holds a compact vocabulary of 4,096 tokens" in p.stdout
+    rows = [json.loads(line) for line in open(out / 'metrics.jsonl')]
+    assert rows[0]['model_args']['vocab_size'] == 4096 and rows[0]['config']['vocab_size'] == 4096
+    assert rows[0]['data_vocab_size'] == 4096
+    import torch
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert ckpt['data']['gpt2_ids'] == read_meta(str(v_dir / 'meta.pkl'))['gpt2_ids']
+    # sample.py needs no flag: the checkpoint knows its vocabulary; the prompt comes back exactly
+    p = script('sample.py', f'--out_dir={out}', '--device=cpu', '--start=Once upon a time, Zoë', '--num_samples=1',
+               '--max_new_tokens=20')
+    assert p.stdout.startswith('Once upon a time, Zoë') and len(p.stdout) > 40
+    # compare.py --routing reads the run's own validation data (from the checkpoint) and labels tokens through
+    # its vocabulary: every listed token is one compact id's text
+    script('compare.py', '--routing', out, '--text', 'Once upon a time, Zoë', '--out', tmp_path / 'cmp',
+           '--val-tokens', 2000)
+    top = (tmp_path / 'cmp' / 'top_tokens.md').read_text()
+    rows = [line for line in top.splitlines() if re.match(r'\| \d+ \|', line)]
+    assert len(rows) == 30 and sum(int(r.split('|')[2].replace(',', '')) for r in rows) == (2000 // 32) * 32 * 6
+    vocab = vocab_for_data_dir(str(v_dir))
+    shown = {eval(t) for t in re.findall(r"`('[^`]*')`", top)}
+    texts = {vocab.decode([i]) for i in range(vocab.vocab_size)}
+    assert shown and shown <= texts, shown - texts
+    # a resume keeps the checkpoint's vocabulary and says so
+    p = script('train.py', f'--out_dir={out}', '--init_from=resume', '--max_iters=12', '--eval_interval=2')
+    assert "vocab_size 4096 (the checkpoint's)" in p.stdout
+
+
+def test_a_vocab_size_smaller_than_the_data_is_one_line(sample, tmp_path):
+    _, v_dir, _ = sample
+    p = script('train.py', 'config/dense.py', *TINY, f'--data_dir={v_dir}', f'--out_dir={tmp_path / "x"}',
+               '--vocab_size=1000', check=False)
+    assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and 'Traceback' not in p.stderr
+    assert 'vocab_size=1000 is smaller than the data needs: it holds token ids up to 4095; use --vocab_size=4096' in p.stderr
+    p = script('train.py', 'config/dense.py', *TINY, f'--data_dir={v_dir}', f'--out_dir={tmp_path / "y"}',
+               '--vocab_size=4160', '--max_iters=2', '--eval_interval=2')     # padded beyond it: fine, and said
+    assert 'vocab_size 4160 (as given)' in p.stdout
