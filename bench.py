@@ -8,12 +8,13 @@ Benchmark: what does an MoE step cost over a dense model with the same ACTIVE FF
 On a Linux CPU, set MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 first: otherwise glibc
 returns the ~400 MB of logits to the system every step, and page faults take half the step (bench/RESULTS.md).
 
-For each size (n_layer x n_embd) it builds
-    dense         SwiGLU FFN of width 4 * n_embd
-    moe           8 experts, top-2, each 2 * n_embd wide                (config/moe.py)
-    deepseek_moe  2 shared + 30 routed experts of n_embd / 2, top-6     (config/deepseek_moe.py)
-    E=8, E=64, E=256   the scaling family: 8, 64, 256 routed experts (top-2, -8, -16) of width
-                  4 * n_embd / top_k, nothing else changed (deepseek_moe routing, no shared experts)
+For each size (n_layer x n_embd) it builds, exactly as train.py would from the config files (the configurator,
+then GPT(...) with its init_weights), at that size:
+    dense         config/dense.py: SwiGLU FFN of width 4 * n_embd
+    moe           config/moe.py: 8 experts, top-2, each 2 * n_embd wide, capacity 1.25, Switch loss, z-loss
+    deepseek_moe  config/deepseek_moe.py: 2 shared + 30 routed experts of n_embd / 2, top-6, sigmoid, bias, seq loss
+    E=8, E=64, E=256   the scaling family: config/deepseek_moe.py with 8, 64, 256 routed experts (top-2, -8, -16) of
+                  width 4 * n_embd / top_k and no shared experts, nothing else changed
 and times full training steps (forward, backward, AdamW) after a warm-up, interleaving the models round
 by round (in an order rotated every round), so that a slow moment of the machine hits all of them; each
 MoE's cost is the median over rounds of its step time divided by dense's in the same round. Then the same for one FFN layer alone (forward +
@@ -31,9 +32,12 @@ import time
 
 import torch
 
-from model import GPT, GPTConfig, MLP
+import os
+
+from configurator import configure
+from model import GPT, GPTConfig
+from moe import expert_capacity, expert_load, grouped_mm_runs
 from runtime import gpu_peak_flops
-from moe import MoE, expert_capacity, grouped_mm_runs
 
 
 # The scaling family: (routed experts, top_k). Expert width 4 * n_embd / top_k keeps the active width fixed.
@@ -41,22 +45,22 @@ SCALING = [(8, 2), (64, 8), (256, 16)]
 
 
 def model_configs(n_layer: int, n_embd: int, vocab_size: int, block_size: int, scaling: bool) -> dict[str, GPTConfig]:
-    """The benchmarked models, all with active FFN width 4 * n_embd (what config/*.py set, plus the
-    scaling rows). capacity_factor 1.25 for moe, as in config/moe.py: dropping happens before the matmuls."""
-    base = dict(n_layer=n_layer, n_embd=n_embd, n_head=max(1, n_embd // 64), vocab_size=vocab_size,
-                block_size=block_size, ffn_hidden=4 * n_embd)
-    configs = {
-        'dense': GPTConfig(**base, ffn_type='dense'),
-        'moe': GPTConfig(**base, ffn_type='moe', n_experts=8, top_k=2, expert_hidden=2 * n_embd,
-                         capacity_factor=1.25, balance_loss_coef=0.01, z_loss_coef=0.001),
-        'deepseek_moe': GPTConfig(**base, ffn_type='deepseek_moe', n_experts=30, n_shared_experts=2, top_k=6,
-                                  expert_hidden=n_embd // 2, score_func='sigmoid', bias_update_speed=0.001),
-    }
-    if scaling:   # more, narrower experts at the same active width: top_k * expert_hidden = 4 * n_embd
+    """The benchmarked models, built from the config files through the configurator as train.py builds them, at
+    this size (heads of 64); all have the active FFN width 4 * n_embd. The scaling rows are config/deepseek_moe.py
+    with more, narrower routed experts: top_k * expert_hidden = 4 * n_embd, no shared experts."""
+    from train import DEFAULTS, MODEL_KEYS
+    here = os.path.dirname(os.path.abspath(__file__))
+    size = [f'--n_layer={n_layer}', f'--n_embd={n_embd}', f'--n_head={max(1, n_embd // 64)}',
+            f'--vocab_size={vocab_size}', f'--block_size={block_size}']
+
+    def build(name: str, *extra: str) -> GPTConfig:
+        settings = configure(DEFAULTS, [os.path.join(here, 'config', f'{name}.py'), *size, *extra])
+        return GPTConfig(**{k: settings[k] for k in MODEL_KEYS})
+    configs = {name: build(name) for name in ('dense', 'moe', 'deepseek_moe')}
+    if scaling:
         for n_experts, top_k in SCALING:
-            configs[f'E={n_experts}'] = GPTConfig(**base, ffn_type='deepseek_moe', n_experts=n_experts, top_k=top_k,
-                                                  expert_hidden=4 * n_embd // top_k, score_func='sigmoid',
-                                                  bias_update_speed=0.001)
+            configs[f'E={n_experts}'] = build('deepseek_moe', f'--n_experts={n_experts}', f'--top_k={top_k}',
+                                              f'--expert_hidden={4 * n_embd // top_k}', '--n_shared_experts=0')
     return configs
 
 
@@ -134,45 +138,47 @@ def train_step_fn(cfg: GPTConfig, args, device: str):
     return model, step
 
 
-def ffn_layer_fns(cfg: GPTConfig, args, device: str):
-    """One FFN alone, forward + backward on B*T tokens; for MoE also its expert matmuls alone."""
+def first_ffn(cfg: GPTConfig) -> torch.nn.Module:
+    """The FFN of the first block of GPT(cfg), initialised as in training (GPT.init_weights), on the CPU."""
     torch.manual_seed(0)
+    return GPT(cfg).transformer.h[0].ffn
+
+
+def ffn_layer_fns(cfg: GPTConfig, args, device: str):
+    """One FFN alone, forward + backward on B*T tokens: the FFN of the first block of GPT(cfg), initialised as in
+    training; for MoE also its expert matmuls alone (with the gate multiply they include)."""
     n = args.batch_size * cfg.block_size
+    layer = first_ffn(cfg).to(device)
+    torch.manual_seed(0)
     x = torch.randn(args.batch_size, cfg.block_size, cfg.n_embd, device=device, requires_grad=True)
     gy = torch.randn(args.batch_size, cfg.block_size, cfg.n_embd, device=device)   # upstream gradient
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == 'bfloat16')
-    if cfg.ffn_type == 'dense':
-        layer = MLP(cfg, cfg.ffn_hidden).to(device)
-        run = (lambda: layer(x)) if not args.compile else compiled(lambda: layer(x))
-
-        def fwd_bwd():
-            with autocast:
-                y = run()
-            y.backward(gy.to(y.dtype))
-        return {'layer': fwd_bwd}
-    shared = MLP(cfg, cfg.n_shared_experts * cfg.expert_hidden) if cfg.n_shared_experts else None
-    layer = MoE(cfg, shared).to(device)
     fwd = compiled(layer) if args.compile else layer
 
     def fwd_bwd():
         with autocast:
             y, aux = fwd(x)
         outs, grads = [y], [gy.to(y.dtype)]
-        if aux['aux_loss'].requires_grad:          # the balancing losses' backward is part of the cost
+        if aux and aux['aux_loss'].requires_grad:  # the balancing losses' backward is part of the cost
             outs, grads = outs + [aux['aux_loss']], grads + [torch.ones_like(aux['aux_loss'])]
         torch.autograd.backward(outs, grads)
+    if cfg.ffn_type == 'dense':
+        return {'layer': fwd_bwd}
+    shared = layer.shared_experts
     # the same expert work on tokens already sorted by expert: what a perfect dispatch would cost
     with torch.no_grad(), autocast:
         xf = x.detach().view(n, cfg.n_embd)
-        _, idx, _, _ = layer.route(xf)
+        gates, idx, _, _ = layer.route(xf)
         cap = expert_capacity(n, cfg.n_experts, cfg.top_k, cfg.capacity_factor)
-        order, counts, keep = layer._sort_slots(idx, cap)
+        order, counts, keep = layer._sort_slots(idx, expert_load(idx, cfg.n_experts), cap)
     dtype = torch.bfloat16 if args.dtype == 'bfloat16' else torch.float32
     xs = xf[order % n].to(dtype).clone().requires_grad_()
+    gate = gates.t().reshape(-1)[order].to(dtype).clone().requires_grad_()
     xsh = xf.clone().requires_grad_()
-    # the expert matmuls of the path the layer itself takes (see MoE.dispatch)
+    # the expert matmuls of the path the layer itself takes (see MoE.run_experts)
     grouped = cfg.moe_dispatch != 'loop' and grouped_mm_runs(device, dtype, args.compile)
-    experts = (lambda: layer._experts_grouped(xs, counts, keep)) if grouped else (lambda: layer._experts_loop(xs, counts, keep))
+    experts = ((lambda: layer._experts_grouped(xs, gate, counts, keep)) if grouped
+               else (lambda: layer._experts_loop(xs, gate, counts, keep)))
     experts = compiled(experts) if args.compile else experts
 
     gys = torch.randn(xs.shape, device=device, dtype=dtype)
@@ -189,7 +195,7 @@ def ffn_layer_fns(cfg: GPTConfig, args, device: str):
 
 def check_no_host_sync(cfg: GPTConfig, args) -> str:
     """CUDA only: run the MoE forward with sync debug mode 'error' (raises on .item(), .tolist(), ...)."""
-    layer = MoE(cfg, MLP(cfg, cfg.n_shared_experts * cfg.expert_hidden) if cfg.n_shared_experts else None).cuda()
+    layer = first_ffn(cfg).cuda()
     x = torch.randn(args.batch_size, cfg.block_size, cfg.n_embd, device='cuda')
     with torch.autocast('cuda', dtype=torch.bfloat16):
         layer(x)                                  # first call: allocations, lazy init
@@ -238,21 +244,23 @@ def bench_size(n_layer: int, n_embd: int, args, device: str) -> None:
             fns[(name, part)] = fn
     ltimes = interleaved_times(fns, args.warmup, args.rounds, device)
     dense_layer = ltimes[('dense', 'layer')]
-    print("\n| FFN layer alone (fwd+bwd) | ms | layer / dense | dispatch ms | dispatch share of layer | dispatch share of step |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\n| FFN layer alone (fwd+bwd) | ms | layer / dense | FFN layers' share of step | dispatch ms | "
+          "dispatch share of layer | dispatch share of step |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     layer_ratio = {}
     for name, cfg in configs.items():
         layer_ms = 1000 * statistics.median(ltimes[(name, 'layer')])
         layer_ratio[name] = median_ratio(ltimes[(name, 'layer')], dense_layer)
+        step_ms = 1000 * statistics.median(times[name])
+        ffn_share = n_layer * layer_ms / step_ms        # the step's FFN layers, each timed alone, over the whole step
         if cfg.ffn_type == 'dense':
-            print(f"| {name} | {layer_ms:.2f} | 1.000x | - | - | - |")
+            print(f"| {name} | {layer_ms:.2f} | 1.000x | {ffn_share:.0%} | - | - | - |")
             continue
         dispatch = [a - b for a, b in zip(ltimes[(name, 'layer')], ltimes[(name, 'experts')])]
         dispatch_ms = 1000 * statistics.median(dispatch)
-        step_ms = 1000 * statistics.median(times[name])
         n_moe = n_layer - cfg.n_dense_layers
-        print(f"| {name} | {layer_ms:.2f} | {layer_ratio[name]:.3f}x | {dispatch_ms:.2f} | {dispatch_ms / layer_ms:.0%} | "
-              f"{n_moe * dispatch_ms / step_ms:.0%} |")
+        print(f"| {name} | {layer_ms:.2f} | {layer_ratio[name]:.3f}x | {ffn_share:.0%} | {dispatch_ms:.2f} | "
+              f"{dispatch_ms / layer_ms:.0%} | {n_moe * dispatch_ms / step_ms:.0%} |")
     family = [(e, f'E={e}') for e, _ in SCALING if f'E={e}' in configs]
     if len(family) >= 2:
         print(f"\nscaling from {family[0][0]} to {family[-1][0]} routed experts at equal active width: FFN layer cost "

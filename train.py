@@ -262,6 +262,9 @@ if __name__ == '__main__':
                 raise ValueError(f"{ckpt_path} lacks {missing} and cannot be resumed (sample.py can still use it)")
             config = resume_settings(checkpoint.get('config', {}), checkpoint['model_args'], sys.argv[1:], config['out_dir'])
         check_settings(config)
+        GPTConfig(**{k: config[k] for k in MODEL_KEYS})            # the model settings, before the data is opened
+        runtime = resolve_runtime(config['device'], config['dtype'], config['compile'], config['moe_dispatch'],
+                                  (config['n_embd'], config['expert_hidden']) if config['ffn_type'] != 'dense' else ())
         # the data, and the vocabulary its ids belong to (a compact one if prepare.py --vocab wrote a meta.pkl)
         data_path = resolve_data_dir(config['data_dir'], config['dataset'])
         data = open_data(data_path, config['dataset'], config['block_size'])
@@ -274,11 +277,8 @@ if __name__ == '__main__':
         gpt2_ids = meta['gpt2_ids'] if meta else None      # recorded in the checkpoint, for sample.py and compare.py
         globals().update(config)
         model_args = {k: config[k] for k in MODEL_KEYS}
-        runtime = resolve_runtime(device, dtype, compile, moe_dispatch,
-                                  (n_embd, expert_hidden) if ffn_type != 'dense' else ())
         device, device_type, dtype, compile = runtime.device, runtime.device_type, runtime.dtype, runtime.compile
         model_args['moe_dispatch'] = runtime.moe_dispatch          # config keeps what was asked ('auto')
-        GPTConfig(**model_args)                                    # validates the model settings early
         autocast = runtime.autocast()
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from bench import SCALING, compiled, interleaved_times, median_ratio, model_configs, round_order, scaling_slope
+from bench import (SCALING, compiled, first_ffn, interleaved_times, median_ratio, model_configs, round_order,
+                   scaling_slope)
 from conftest import REPO, subprocess_env
 from model import GPT
 
@@ -40,15 +40,37 @@ def test_scaling_slope_by_hand():
 def test_every_benchmarked_model_has_the_dense_active_width():
     configs = model_configs(2, 256, 1024, 64, scaling=True)
     assert [name for name in configs] == ['dense', 'moe', 'deepseek_moe'] + [f'E={e}' for e, _ in SCALING]
+    # built from the config files, every setting included (the hand-built ones once lacked seq_aux_coef)
+    from test_moe import build_from_config
+    for name in ('dense', 'moe', 'deepseek_moe'):
+        want = build_from_config(f'{name}.py').config
+        assert configs[name] == type(want)(**{**want.__dict__, 'n_layer': 2, 'n_embd': 256, 'n_head': 4,
+                                             'vocab_size': 1024, 'block_size': 64,
+                                             'expert_hidden': configs[name].expert_hidden,
+                                             'ffn_hidden': configs[name].ffn_hidden}), name
+    assert configs['deepseek_moe'].seq_aux_coef == 1e-4 and configs['E=64'].seq_aux_coef == 1e-4
     assert [configs[f'E={e}'].n_experts for e, _ in SCALING] == [8, 64, 256]   # what the issue asks
     dense_active = GPT(configs['dense']).param_counts()['active']
     for name, cfg in configs.items():
         if cfg.ffn_type == 'dense':
             continue
-        assert (cfg.top_k + cfg.n_shared_experts) * cfg.expert_hidden == cfg.ffn_hidden == 4 * 256, name
+        assert (cfg.top_k + cfg.n_shared_experts) * cfg.expert_hidden == configs['dense'].ffn_hidden == 4 * 256, name
         # active parameters differ from dense only by the router, E x C per layer
         active = GPT(cfg).param_counts()['active']
         assert active - dense_active == cfg.n_layer * cfg.n_experts * cfg.n_embd, name
+
+
+def test_the_timed_layers_are_initialised_as_in_training():
+    """bench.py once timed a bare MoE whose expert weights were torch.empty (NaNs, values up to 1e4) against an
+    initialised dense layer: every timed layer is now a real model's first FFN."""
+    import math
+    import torch
+    for name, cfg in model_configs(2, 256, 1024, 64, scaling=False).items():
+        layer = first_ffn(cfg)
+        for pname, p in layer.named_parameters():
+            assert torch.isfinite(p).all(), (name, pname)
+            std = 0.02 / math.sqrt(2 * 2) if pname.endswith(('w_down', 'c_proj.weight')) else 0.02
+            assert p.std().item() == pytest.approx(std, rel=0.1), (name, pname)
 
 
 def test_every_compiled_model_gets_its_own_graph():

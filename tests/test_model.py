@@ -111,6 +111,28 @@ def test_mfu_counts_active_params():
     assert model.estimate_mfu(4, 0.5, 1e12) == pytest.approx(flops_per_token * 16 * 4 / 0.5 / 1e12)
 
 
+@pytest.mark.parametrize('kind', KINDS)
+def test_flops_per_token_match_torch_s_flop_counter(kind):
+    """An independent count: torch's FlopCounterMode over one forward + backward (the expert loop, dropless, so
+    every matmul is an aten.mm it sees) finds exactly 6 x the active parameters per token in matmuls; the
+    LayerNorm weights are active parameters without a matmul. It does not count the CPU's SDPA kernel, so the
+    attention term of flops_per_token (12 L H Q T) is checked by its formula."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = tiny(kind, moe_dispatch='loop', capacity_factor=0.0)
+    idx = torch.randint(0, 256, (2, 16))
+    with FlopCounterMode(display=False) as counter:
+        _, loss = model(idx, idx)
+        loss.backward()
+    counts = {str(op): flops for op, flops in counter.get_flop_counts()['Global'].items()}
+    assert set(counts) == {'aten.mm'}
+    norms = sum(p.numel() for name, p in model.named_parameters() if '.ln_' in name or name.endswith('ln_f.weight'))
+    assert norms == (2 * 2 + 1) * 32
+    tokens = idx.numel()
+    assert counts['aten.mm'] == 6 * (model.param_counts()['active'] - norms) * tokens
+    attention = 12 * 2 * 2 * 16 * 16                    # 12 * n_layer * n_head * head size * block_size
+    assert model.flops_per_token() == 6 * model.param_counts()['active'] + attention
+
+
 def test_optimizer_groups_and_balancing_bias_is_not_optimised():
     model = tiny('deepseek_moe', bias=True)
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
