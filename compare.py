@@ -184,13 +184,15 @@ def count_label(seeds: list) -> str:
 
 def group_runs(runs: list[dict]) -> list[dict]:
     """Runs with equal settings (but for IGNORED_SETTINGS) as groups {'name', 'label', 'settings', 'runs'},
-    in the order of each group's first run. name is the runs' label; groups that would share one get the
+    in the order of each group's first run; a setting a run's config row lacks (it is older than the setting)
+    counts as train.py's default, the value it ran with. name is the runs' label; groups that would share one get the
     settings that tell them apart appended ('moe [learning_rate=0.002]'). label adds the count of runs
     ('deepseek_moe (3 seeds)')."""
+    from train import DEFAULTS       # a setting newer than a run took its default there: the run behaved so
     groups = []
     for run in runs:
         # the settings as given, with the dtype the run really used ('auto' differs from machine to machine)
-        settings = {**run['config'].get('config', {}), 'dtype': run['config'].get('dtype')}
+        settings = {**DEFAULTS, **run['config'].get('config', {}), 'dtype': run['config'].get('dtype')}
         group = next((g for g in groups if not differing_settings([g['settings'], settings])), None)
         if group is None:
             groups.append({'name': run['label'], 'settings': settings, 'runs': [run]})

@@ -1,6 +1,8 @@
-# config/tinystories_cpu.py: a size that trains on a 2-core CPU in about 16 minutes per run, for the CPU
-# reproduction in README "Results". Put it BEFORE the FFN config so the FFN widths scale with n_embd:
+# config/tinystories_cpu.py: the CPU size of README "Results": a 4-layer, 128-wide model on the compact
+# 4,096-token vocabulary of the TinyStories sample (python data/tinystories/prepare.py --vocab 4096), so that the
+# FFNs, not the output layer, take most of a step. Put it BEFORE the FFN config so the FFN widths scale with n_embd:
 #   python train.py config/tinystories_cpu.py config/deepseek_moe.py --out_dir=out-cpu-deepseek_moe
+dataset = 'tinystories_v4096'   # vocab_size comes from its meta.pkl (4,096)
 device = 'cpu'
 compile = False            # eager on the CPU: see README, "torch.compile"
 n_layer = 4
@@ -8,8 +10,8 @@ n_head = 4
 n_embd = 128
 block_size = 128
 batch_size = 16            # 2,048 tokens per iteration
-max_iters = 700
-lr_decay_iters = 700
+max_iters = 1000           # 2.05M tokens: 0.59 passes over the sample's 3.48M training tokens
+lr_decay_iters = 1000
 warmup_iters = 50
 learning_rate = 2e-3       # a small model takes a larger step
 min_lr = 2e-4

@@ -274,11 +274,15 @@ def test_grouping(tmp_path):
     groups = group_runs(list(runs.values()))
     assert [g['label'] for g in groups] == [
         'deepseek_moe (2 seeds)',
-        'moe [learning_rate=0.002, z_loss_coef=None] (1 run)',
-        'moe [learning_rate=0.004, z_loss_coef=None] (1 run)',
+        'moe [learning_rate=0.002, z_loss_coef=0.0] (1 run)',      # a setting a run lacks: train.py's default
+        'moe [learning_rate=0.004, z_loss_coef=0.0] (1 run)',
         'dense 64 (1 run)',                                     # no config_files: described by its model
         'moe [learning_rate=0.002, z_loss_coef=0.001] (1 run)']
     assert differing_settings([{'seed': 1, 'out_dir': 'a', 'lr': 1}, {'seed': 2, 'lr': 1.0, 'dropout': 0.1}]) == ['dropout']
+    # a run older than a setting ran with its default: it groups with a newer run that logs the default
+    newer = moe_rows('moe', 2, (3.2, 3.0), [0.1, 0.1], [0.1, 0.1], [0.0, 0.0], bias_update_rule='sign')
+    write_run(tmp_path / 'newer', newer)
+    assert len(group_runs([runs['moe'], load_run(str(tmp_path / 'newer'))])) == 1
     # a run resumed without its config files (python train.py --init_from=resume --out_dir=...) keeps its label
     resumed = moe_rows('deepseek_moe', 3, (3.2, 3.0), [0.1, 0.1], [0.1, 0.1], [0.0, 0.0])
     write_run(tmp_path / 'resumed', resumed[:2] + [{**resumed[0], 'iter': 50, 'config_files': []}] + resumed[2:])
