@@ -158,7 +158,7 @@ def differing_settings(configs: list[dict]) -> list[str]:
 FFN_SETTINGS = ('ffn_type', 'ffn_hidden', 'n_dense_layers', 'n_experts', 'top_k', 'expert_hidden', 'n_shared_experts',
                 'capacity_factor', 'score_func', 'aux_loss_coef', 'balance_loss_coef', 'z_loss_coef', 'seq_aux_coef',
                 'bias_update_speed', 'bias_update_rule', 'bias_update_schedule', 'bias_recenter', 'routing',
-                'expert_choice_scope')
+                'expert_choice_group')
 
 
 def incomparable_settings(a: dict, b: dict) -> list[str]:
@@ -431,7 +431,10 @@ BALANCE_LOSSES = ('aux_loss_coef', 'balance_loss_coef', 'seq_aux_coef')
 def balancing_kind(settings: dict) -> str:
     """How a MoE balances its experts' load: 'loss-free' (bias_update_speed > 0, the auxiliary-loss-free
     biases of Wang et al. 2024, and no balancing loss), 'auxiliary loss' (one of BALANCE_LOSSES > 0 and no
-    bias updates), 'both', or 'none'. A setting a run lacks (older runs) counts as 0."""
+    bias updates), 'both', 'expert choice' (balanced by construction in training), or 'none'. A setting a run
+    lacks (older runs) counts as 0."""
+    if settings.get('routing') == 'expert_choice':
+        return 'expert choice'
     bias = (settings.get('bias_update_speed') or 0) > 0
     loss = any((settings.get(k) or 0) > 0 for k in BALANCE_LOSSES)
     if bias and loss:
@@ -646,7 +649,7 @@ def plot_maxvio(groups: list[dict], summaries: list[dict], colors: dict, path: s
 
 # the marker and colour of each balancing_kind in tradeoff.png
 KIND_STYLE = {'loss-free': ('o', 'tab:green'), 'auxiliary loss': ('s', 'tab:blue'), 'both': ('D', 'tab:purple'),
-              'none': ('^', 'tab:gray')}
+              'expert choice': ('P', 'tab:orange'), 'none': ('^', 'tab:gray')}
 
 
 def tradeoff_point(row: dict, key: str) -> tuple[float, tuple[float, float], float, float | None] | None:

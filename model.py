@@ -9,6 +9,7 @@ Every FFN has the same contract: forward(x) -> (y, aux), aux a small dict of ten
 
 import inspect
 import math
+from contextlib import contextmanager
 import os
 import re
 from dataclasses import dataclass, fields
@@ -47,6 +48,10 @@ class GPTConfig:
     bias_update_speed: float = 0.0  # gamma of aux-loss-free balancing; 0 = off
     bias_update_rule: str = 'sign'  # 'sign' (DeepSeek-V3) | 'proportional' (Wang et al. 2024): see MoE.update_bias
     bias_recenter: bool = False    # re-centre the balancing biases to mean 0 after each update (routing unchanged)
+    routing: str = 'token_choice'  # 'token_choice' (each token its top_k experts) | 'expert_choice' (each expert its
+                                   # top C tokens, Zhou et al. 2022: balanced, not causal; evaluated token by token)
+    expert_choice_group: int = 0   # expert choice: the tokens an expert chooses among; 0 = the whole batch, block_size =
+                                   # each sequence, 32 = chunks of 32 (must divide the batch's tokens)
     moe_dispatch: str = 'auto'     # 'auto' | 'grouped' | 'loop'; auto = grouped where F.grouped_mm runs (train.py: choose_runtime)
 
     def __post_init__(self):
@@ -79,6 +84,19 @@ class GPTConfig:
             bad("score_func='sigmoid' is DeepSeek-V3's gating: use it with ffn_type='deepseek_moe'")
         if self.n_shared_experts < 0 or self.capacity_factor < 0:
             bad("n_shared_experts and capacity_factor must be >= 0")
+        if self.routing not in ('token_choice', 'expert_choice'):
+            bad(f"routing must be token_choice|expert_choice, got {self.routing!r}")
+        if self.routing == 'expert_choice':
+            if self.capacity_factor <= 0:
+                bad("routing='expert_choice' needs capacity_factor > 0: each expert takes C = capacity_factor * top_k * "
+                    "tokens / n_experts of them (1.0: top_k experts per token on average)")
+            balancing = [n for n in ('aux_loss_coef', 'balance_loss_coef', 'seq_aux_coef', 'bias_update_speed')
+                         if getattr(self, n) > 0]
+            if balancing or self.score_func != 'softmax':
+                bad(f"routing='expert_choice' is balanced by construction and scores by softmax: set "
+                    f"{', '.join(balancing) or 'score_func'} to {'0' if balancing else 'softmax'}")
+        if self.expert_choice_group < 0:
+            bad(f"expert_choice_group={self.expert_choice_group} must be >= 0 (0 = the whole batch)")
         if self.bias_update_rule not in ('sign', 'proportional'):
             bad(f"bias_update_rule must be sign|proportional, got {self.bias_update_rule!r}")
         if self.moe_dispatch not in ('auto', 'grouped', 'loop'):
@@ -254,6 +272,20 @@ class GPT(nn.Module):
             if values:
                 aux[name] = torch.stack(values).mean()
         return logits, loss, aux
+
+    @contextmanager
+    def leaky_expert_choice(self):
+        """Within it, expert-choice layers in eval mode route as in training, by expert choice over the batch: the
+        leaky evaluation, for the demonstration only (train.py logs it as val_loss_leaky). Outside, they route each
+        token by itself, so evaluation and generation are causal."""
+        layers = [m for m in self.moe_layers() if m.expert_choice]
+        for m in layers:
+            m.leaky_eval = True
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.leaky_eval = False
 
     @torch.no_grad()
     def update_moe_biases(self, expert_counts: Tensor, scale: float = 1.0) -> None:

@@ -163,6 +163,11 @@ class MoE(nn.Module):
         self.bias_update_rule = config.bias_update_rule
         self.bias_recenter = config.bias_recenter
         self.dispatch_impl = config.moe_dispatch
+        self.expert_choice = config.routing == 'expert_choice'
+        self.expert_choice_group = config.expert_choice_group
+        # expert choice is evaluated causally (token by token, see route) unless a demonstration asks for the leak
+        # (GPT.leaky_expert_choice); training always routes by expert choice
+        self.leaky_eval = False
         self.router = nn.Linear(C, E, bias=False)           # u_t . e_i: one score per expert
         self.w_gate = nn.Parameter(torch.empty(E, H, C))
         self.w_up = nn.Parameter(torch.empty(E, H, C))
@@ -178,8 +183,8 @@ class MoE(nn.Module):
 
     # -- routing ----------------------------------------------------------------
 
-    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """x (N, C) -> gates (N, k), idx (N, k), scores (N, E), logits (N, E).
+    def router_scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (N, C) -> scores (N, E), logits (N, E): the affinity of every token to every routed expert.
 
         The router runs in float32 even under bf16 autocast (float64 in a float64 model): top-k near-ties
         and a bias step of gamma = 1e-3 are below bf16's resolution (about 4e-3 near 0.5).
@@ -188,12 +193,20 @@ class MoE(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.to(dtype), self.router.weight.to(dtype))  # (N, E) u_t . e_i
         if self.score_func == 'sigmoid':
-            scores = torch.sigmoid(logits)                    # s_{i,t} = sigmoid(u_t . e_i)  (V3 eq. 15)
-        else:
-            scores = F.softmax(logits, dim=-1)                # s_{i,t} = softmax_i(u_t . e_i)
+            return torch.sigmoid(logits), logits              # s_{i,t} = sigmoid(u_t . e_i)  (V3 eq. 15)
+        return F.softmax(logits, dim=-1), logits              # s_{i,t} = softmax_i(u_t . e_i)
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Token choice: every token picks its top_k experts. x (N, C) -> gates (N, k), idx (N, k), scores (N, E),
+        logits (N, E)."""
+        scores, logits = self.router_scores(x)
         # top-k of the biased scores: b_i changes WHICH experts are chosen (V3 eq. 16), never the gates
         idx = (scores + self.expert_bias).topk(self.top_k, dim=-1).indices        # (N, k)
-        if self.deepseek:
+        if self.expert_choice:
+            # an expert-choice layer evaluated causally: each token by itself takes its top-k experts by the same
+            # scores, gated by them as in training (g_{i,t} = S_{t,i}, no renormalisation)
+            gates = scores.gather(1, idx)
+        elif self.deepseek:
             gates = scores.gather(1, idx)                     # g_{i,t} = s_{i,t} for i in TopK
             if self.score_func == 'sigmoid':
                 gates = gates / gates.sum(-1, keepdim=True)   # V3 eq. 13: normalise over the chosen
@@ -206,6 +219,30 @@ class MoE(nn.Module):
             # off the top-k); the masked entries would contribute exp(-inf) = 0, so softmax of the gathered k is it
             gates = F.softmax(logits.gather(1, idx), dim=-1)
         return gates, idx, scores, logits
+
+    def route_expert_choice(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Expert choice (Zhou et al. 2022): every expert takes the C token-slots of highest score in each group of
+        expert_choice_group tokens (0: all N tokens of the batch), C = capacity_factor * top_k * group / E, so
+        every expert gets exactly C per group and a token gets 0 to E experts. The choice depends on every token
+        of the group, later ones included: a decoder trained so can read the future (see forward).
+
+        x (N, C) -> token (M,) and gate (M,) of every slot, grouped by expert (M = E * C * groups), counts (E,)
+        slots per expert, scores (N, E), logits (N, E).
+        """
+        scores, logits = self.router_scores(x)              # S_{t,i} = softmax_i(u_t . e_i), as in the paper
+        N, E = scores.shape
+        group = self.expert_choice_group or N
+        if N % group:
+            raise ValueError(f"expert_choice_group={group} must divide the {N} tokens of the batch")
+        n_groups = N // group
+        capacity = min(group, expert_capacity(group, E, self.top_k, self.capacity_factor))
+        per_expert = scores.view(n_groups, group, E).transpose(1, 2)          # (G, E, group) S^T of each group
+        gate, local = per_expert.topk(capacity, dim=-1)                       # (G, E, C): I = TopC(S^T), G = S[I]
+        token = local + torch.arange(n_groups, device=x.device)[:, None, None] * group   # tokens of the batch
+        token = token.transpose(0, 1).reshape(-1)           # (G, E, C) -> (E * G * C,): grouped by expert
+        gate = gate.transpose(0, 1).reshape(-1)
+        counts = torch.full((E,), n_groups * capacity, device=x.device, dtype=torch.long)
+        return token, gate, counts, scores, logits
 
     # -- dispatch ---------------------------------------------------------------
 
@@ -313,9 +350,16 @@ class MoE(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, dict]:
         B, T, C = x.shape
         xf = x.reshape(B * T, C)                           # (B, T, C) -> (N, C)
-        gates, idx, scores, logits = self.route(xf)
-        load = expert_load(idx, self.n_experts)            # (E,) slots routed to each expert, before any dropping
-        y, dropped = self.dispatch(xf, gates, idx, load)
+        if self.expert_choice and (self.training or self.leaky_eval):
+            # expert choice: perfectly balanced by construction, and not causal (each expert's top-C is taken over
+            # its whole group of tokens); no capacity is exceeded, so nothing is dropped
+            token, gate, counts, scores, logits = self.route_expert_choice(xf)
+            y, dropped, load = self.run_experts(xf, token, gate, counts, None), xf.new_zeros(()), counts.float()
+            idx = None
+        else:
+            gates, idx, scores, logits = self.route(xf)
+            load = expert_load(idx, self.n_experts)        # (E,) slots routed to each expert, before any dropping
+            y, dropped = self.dispatch(xf, gates, idx, load)
         if self.shared_experts is not None:
             y = y + self.shared_experts(xf)                # shared experts see every token
         y = self.dropout(y)
@@ -339,7 +383,7 @@ class MoE(nn.Module):
         aux = {
             'aux_loss': aux_loss,
             'expert_counts': load.detach(),               # routed: the router's demand, before capacity dropping
-            'dropped_frac': (dropped / idx.numel()).detach(),
+            'dropped_frac': (dropped / load.sum()).detach(),
             **{name: value.detach() for name, value in losses.items()},
         }
         return y.view(B, T, C), aux

@@ -77,6 +77,8 @@ bias_update_speed = 0.0      # gamma of auxiliary-loss-free balancing; 0 = off
 bias_update_rule = 'sign'    # 'sign' (DeepSeek-V3) | 'proportional' (Wang et al. 2024)
 bias_recenter = False        # re-centre the biases to mean 0 after each update (changes no routing decision)
 bias_update_schedule = 'constant'  # 'constant' gamma | 'lr': full gamma through the warmup, then decayed as the LR is
+routing = 'token_choice'     # 'token_choice' | 'expert_choice' (Zhou et al. 2022; see GPTConfig and README)
+expert_choice_group = 0      # expert choice: tokens an expert chooses among; 0 = the whole batch
 moe_dispatch = 'auto'        # 'auto' (grouped where F.grouped_mm is fast, see runtime.choose_runtime) | 'grouped' | 'loop'
 # optim: AdamW, linear warmup then cosine decay to min_lr
 learning_rate = 1e-3
@@ -349,22 +351,27 @@ if __name__ == '__main__':
 
     @torch.no_grad()
     def estimate_loss() -> tuple[dict[str, float], torch.Tensor]:
-        """Mean pure cross-entropy over eval_iters batches of each split, in eval mode (dropless MoE), and the
-        expert counts (n_moe_layers, E) of the validation batches. The batches come from a generator seeded
-        the same way at every eval, so successive evals (and runs) see the same text."""
+        """Mean pure cross-entropy over eval_iters batches of each split, in eval mode (dropless and causal MoE), and
+        the expert counts (n_moe_layers, E) of the validation batches. The batches come from a generator seeded
+        the same way at every eval, so successive evals (and runs) see the same text. An expert-choice model is
+        also evaluated the leaky way, routed by expert choice over each batch as in training ('val_leaky')."""
         out, val_counts = {}, torch.zeros(counts_shape, device=device)
         eval_model.eval()
-        for split in ('train', 'val'):
+        passes = [('train', nullcontext()), ('val', nullcontext())]
+        if routing == 'expert_choice':
+            passes.append(('val_leaky', raw_model.leaky_expert_choice()))
+        for name, mode in passes:
             rng = np.random.default_rng(1234)
             losses = torch.zeros(eval_iters)
-            for k in range(eval_iters):
-                X, Y = get_batch(data[split], batch_size, block_size, rng, device)
-                with autocast:
-                    _, _, aux = eval_model(X, Y, return_aux=True)
-                losses[k] = aux['ce_loss'].item()
-                if split == 'val':
-                    val_counts += aux['expert_counts']
-            out[split] = losses.mean().item()
+            with mode:
+                for k in range(eval_iters):
+                    X, Y = get_batch(data[name.removesuffix('_leaky')], batch_size, block_size, rng, device)
+                    with autocast:
+                        _, _, aux = eval_model(X, Y, return_aux=True)
+                    losses[k] = aux['ce_loss'].item()
+                    if name == 'val':
+                        val_counts += aux['expert_counts']
+            out[name] = losses.mean().item()
         eval_model.train()
         return out, val_counts
 
@@ -446,6 +453,11 @@ if __name__ == '__main__':
                        'tokens_per_s': round((tokens_seen - tokens_last_eval) / elapsed, 1) if iter_num > iter_last_eval else None}
                 if eval_only:
                     row['eval_only'] = True       # a look at a checkpoint, not part of the run's own curve
+                if 'val_leaky' in losses:
+                    # expert choice: val_loss routes each token by itself (causal, the number to compare);
+                    # val_loss_leaky routes by expert choice over each batch as in training, reading later tokens
+                    row['val_loss_leaky'] = round(losses['val_leaky'], 5)
+                    row['eval_routing'] = "val_loss: token by token (causal); val_loss_leaky: expert choice over the batch"
                 if peak_flops and iter_num > iter_last_eval:
                     row['mfu'] = round(raw_model.estimate_mfu(batch_size * gradient_accumulation_steps,
                                                               elapsed / (iter_num - iter_last_eval), peak_flops), 4)
@@ -459,6 +471,7 @@ if __name__ == '__main__':
                         row['dropped_frac'] = rounded(eval_dropped / eval_steps, 5)
                 write_metrics(row)
                 print(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                      + (f" (leaky: {losses['val_leaky']:.4f})" if 'val_leaky' in losses else "")
                       + (f", maxvio_global {np.mean(row['maxvio_global']):.3f}" if moe_layers else "")
                       + (f", maxvio_batch {np.mean(row['maxvio_batch']):.3f}" if 'maxvio_batch' in row else ""))
                 # the checkpoint holds the best model so far, and the last one at the end (to resume from);

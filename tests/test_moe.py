@@ -385,7 +385,8 @@ def test_every_config_has_the_size_of_config_moe(size):
     """Equal total and active parameters across the comparison and the ladder (within 2%); dense has the
     active size, dense_total the total size. At both the default and the CPU size (the overlay comes first)."""
     counts = {name: build_from_config(*size, f'{name}.py').param_counts()
-              for name in ('moe', 'deepseek_moe', 'moe_finegrained', 'moe_shared', 'dense', 'dense_total')}
+              for name in ('moe', 'deepseek_moe', 'moe_finegrained', 'moe_shared', 'moe_expert_choice', 'dense',
+                           'dense_total')}
     ref = counts['moe']
     for name, c in counts.items():
         if name != 'dense':
@@ -413,3 +414,115 @@ def test_ladder_configs_add_deepseekmoe_s_ideas_rung_by_rung():
     assert (ds.n_shared_experts, ds.n_experts, ds.top_k, ds.expert_hidden) == (2, 30, 6, fine.expert_hidden)
     assert ds.balance_loss_coef == 0 and ds.bias_update_speed > 0
     assert (ds.ffn_type, ds.score_func, ds.capacity_factor, ds.z_loss_coef) == ('deepseek_moe', 'sigmoid', 0.0, 0.0)
+
+
+# -----------------------------------------------------------------------------
+# Expert-choice routing (Zhou et al. 2022)
+
+
+def ec_layer(group=0, shared=0, capacity_factor=1.0, seed=0) -> MoE:
+    return make_layer(ffn_type='moe', n_experts=4, top_k=2, shared=shared, routing='expert_choice',
+                      expert_choice_group=group, capacity_factor=capacity_factor, seed=seed)
+
+
+def naive_expert_choice(layer: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The definition, expert by expert: in each group of tokens, expert e sorts the tokens by their score for e
+    (softmax over experts per token) and takes the first C; token t gets S[t, e] * expert_e(x_t) from each expert
+    that took it, plus the shared experts."""
+    B, T, C = x.shape
+    xs = x.reshape(B * T, C)
+    N, E, k = xs.shape[0], layer.n_experts, layer.top_k
+    group = layer.expert_choice_group or N
+    S = torch.softmax(xs @ layer.router.weight.T, dim=-1)
+    cap = min(group, math.ceil(layer.capacity_factor * k * group / E))
+    y = torch.zeros(N, C)
+    for start in range(0, N, group):
+        for e in range(E):
+            chosen = sorted(range(start, start + group), key=lambda t: -S[t, e].item())[:cap]
+            for t in chosen:
+                out = (F.silu(xs[t] @ layer.w_gate[e].T) * (xs[t] @ layer.w_up[e].T)) @ layer.w_down[e].T
+                y[t] = y[t] + S[t, e] * out
+    if layer.shared_experts is not None:
+        y = y + layer.shared_experts(xs)
+    return y.view(B, T, C)
+
+
+@pytest.mark.parametrize('group, shared', [(0, 0), (0, 2), (8, 0), (4, 1)], ids=['batch', 'batch-shared', 'group8', 'group4-shared'])
+@pytest.mark.parametrize('dispatch', ['grouped', 'loop'])
+def test_expert_choice_equals_its_definition(group, shared, dispatch):
+    layer = ec_layer(group, shared)
+    layer.dispatch_impl = dispatch
+    x = torch.randn(2, 8, 16)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, aux = layer(x1)
+    y_ref = naive_expert_choice(layer, x2)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(y)
+    g_fast = torch.autograd.grad((y * grad_out).sum(), [x1, *layer.parameters()], allow_unused=True)
+    g_ref = torch.autograd.grad((y_ref * grad_out).sum(), [x2, *layer.parameters()], allow_unused=True)
+    for a, b in zip(g_fast, g_ref):
+        if a is None or b is None:
+            assert (a is None or not a.abs().sum()) and (b is None or not b.abs().sum())
+            continue
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # every expert receives exactly C slots per group: C = 1.0 * 2 * group / 4
+    n_groups = 1 if not group else 16 // group
+    per_group = (group or 16) * 2 // 4
+    assert aux['expert_counts'].tolist() == [n_groups * per_group] * 4 and aux['dropped_frac'] == 0
+
+
+def test_expert_choice_token_counts_vary_and_every_expert_is_full():
+    layer = ec_layer()
+    x = torch.randn(1, 64, 16)
+    token, gate, counts, scores, _ = layer.route_expert_choice(x.view(64, 16))
+    assert counts.tolist() == [32] * 4 and token.numel() == 128       # C = 2 * 64 / 4 per expert
+    per_token = torch.bincount(token, minlength=64)
+    assert per_token.sum() == 128 and per_token.min() >= 0 and per_token.max() <= 4
+    assert len(set(per_token.tolist())) > 1                           # a token gets 0 to E experts, not always k
+    torch.testing.assert_close(gate, scores[token, torch.arange(4).repeat_interleave(32)])   # gate = S[t, e]
+
+
+def test_expert_choice_leaks_the_future_in_training_and_eval_is_causal():
+    """Training: an expert's top-C over the batch depends on later tokens, so changing them changes earlier
+    outputs (the leak); within sequences or chunks, only the later tokens of the same sequence or chunk do. Eval
+    routes each token by itself: earlier outputs never move, and no sequence depends on the others."""
+    x = torch.randn(2, 16, 16)
+    later = x.clone()
+    later[:, 8:] = torch.randn(2, 8, 16)                  # only the second half of each sequence changes
+    other = x.clone()
+    other[1] = torch.randn(16, 16)                        # only the second sequence changes
+
+    def gaps(layer) -> tuple[float, float]:
+        y, y_later, y_other = (layer(v)[0] for v in (x, later, other))
+        return (y[:, :8] - y_later[:, :8]).abs().max().item(), (y[0] - y_other[0]).abs().max().item()
+    batch = ec_layer(group=0)
+    causal_gap, batch_gap = gaps(batch)
+    assert causal_gap > 1e-4 and batch_gap > 1e-4        # over the whole batch: both leaks
+    per_sequence = ec_layer(group=16)
+    causal_gap, batch_gap = gaps(per_sequence)
+    assert causal_gap > 1e-4 and batch_gap == 0.0         # per sequence: the future of the same sequence only
+    chunks = ec_layer(group=8)
+    causal_gap, batch_gap = gaps(chunks)
+    assert causal_gap == 0.0 and batch_gap == 0.0         # chunks of 8: the first half never sees the second
+    y_chunk, y_chunk_later = chunks(x)[0], chunks(later)[0]
+    assert (y_chunk[:, :4] - y_chunk_later[:, :4]).abs().max() == 0.0
+    for layer in (batch, per_sequence, chunks):
+        layer.eval()
+        assert gaps(layer) == (0.0, 0.0)                  # token by token: causal and batch-independent
+        gates, idx, scores, _ = layer.route(x.view(32, 16))
+        torch.testing.assert_close(gates, scores.gather(1, idx))   # gated by the same scores as in training
+    with torch.no_grad():                                 # the leaky evaluation routes as in training
+        batch.leaky_eval = True
+        assert gaps(batch)[0] > 1e-4
+
+
+@pytest.mark.parametrize('bad, message', [
+    (dict(capacity_factor=0.0), 'needs capacity_factor > 0'),
+    (dict(balance_loss_coef=0.01), 'balanced by construction'),
+    (dict(expert_choice_group=-1), 'expert_choice_group=-1 must be >= 0'),
+])
+def test_expert_choice_settings_are_checked(bad, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(n_embd=16, n_head=2, ffn_type='moe', routing='expert_choice', **{'capacity_factor': 1.0, **bad})
+    with pytest.raises(ValueError, match='must divide the 10 tokens'):
+        ec_layer(group=4)(torch.randn(1, 10, 16))

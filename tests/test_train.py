@@ -663,3 +663,18 @@ def test_ddp_non_finite_loss_stops_every_rank(data_dir, tmp_path):
     p = torchrun([*common, '--max_iters=40', '--init_from=resume', '--learning_rate=1e30', '--warmup_iters=0'], check=False)
     assert p.returncode != 0 and len(re.findall(r'non-finite loss at iteration 11\b', p.stderr)) == 2, p.stderr
     assert (out / 'ckpt.pt').read_bytes() == before
+
+
+def test_expert_choice_run_logs_both_evaluations_and_perfect_training_balance(data_dir, tmp_path):
+    out = tmp_path / 'out'
+    p = run(['train.py', 'config/moe_expert_choice.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}',
+             '--max_iters=20', '--eval_interval=10', '--lr_decay_iters=20'])
+    ev = evals(out)
+    assert [r['iter'] for r in ev] == [0, 10, 20]
+    for r in ev:
+        assert 'val_loss_leaky' in r and r['eval_routing'].startswith('val_loss: token by token (causal)')
+        assert r['val_loss_leaky'] != r['val_loss']
+    assert ev[-1]['maxvio_batch'] == [0.0, 0.0]               # every expert gets exactly C in training
+    assert min(ev[-1]['maxvio_global']) > 0                   # the causal evaluation routes token by token
+    assert '(leaky: ' in p.stdout
+    assert [r for r in metrics(out) if r['type'] == 'expert_selection'][0]['counts']   # causal, like eval
