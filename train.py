@@ -560,7 +560,8 @@ if __name__ == '__main__':
             if device_type != 'cuda' and total > 3600:
                 line += (f". This config is sized for a GPU; on a {device_type.upper()}, put config/tinystories_cpu.py "
                          f"first" + (' and add --device=mps' if device_type == 'mps' else '')
-                         + " (4 layers, 128 wide, 700 iterations of 2,048 tokens: minutes, not days)")
+                         + " (4 layers, 128 wide, 1,000 iterations of 2,048 tokens on a 4,096-token vocabulary made by "
+                         "python data/tinystories/prepare.py --vocab 4096: minutes, not days)")
             print(line)
         if iter_num % log_interval == 0 and master:
             t1 = time.time()
