@@ -35,7 +35,7 @@ class GPTConfig:
     ffn_type: str = 'dense'        # 'dense' | 'moe' | 'deepseek_moe'
     ffn_hidden: int = 1536         # width of the dense SwiGLU FFN
     n_dense_layers: int = 0        # MoE models: the first blocks keep a dense FFN (DeepSeek does)
-    n_experts: int = 8             # routed experts per MoE layer
+    n_experts: int = 8             # routed experts per MoE layer (shared experts not counted: n_shared_experts)
     top_k: int = 2                 # routed experts per token
     expert_hidden: int = 768       # width of one routed (and one shared) expert
     n_shared_experts: int = 0      # DeepSeekMoE: experts that see every token

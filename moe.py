@@ -91,7 +91,9 @@ def router_z_loss(logits: Tensor) -> Tensor:
 def sequence_balance_loss(scores: Tensor, idx: Tensor, n_experts: int, batch_size: int) -> Tensor:
     """DeepSeek-V3 eq. 17-20, averaged over the sequences of the batch.
 
-    For each sequence of T tokens: f_i = E / (k T) * sum_t 1[i in TopK_t];
+    For each sequence of T tokens: f_i = E / (k T) * sum_t 1[i in TopK_t], TopK_t the experts token t was really
+    sent to, chosen by s + b (V3's eq. 18 writes TopK of s alone; with the balancing bias the two differ, and the
+    loss should see the load the experts get);
     s'_{t,i} = s_{t,i} / sum_j s_{t,j};  P_i = (1/T) sum_t s'_{t,i};  L = sum_i f_i P_i.
     scores: (B*T, E) affinities, idx: (B*T, k). Equals 1 when every sequence is balanced.
     """

@@ -550,11 +550,17 @@ def test_runs_of_one_group_ending_at_different_iterations(runs):
 
 
 def test_default_finds_out_dirs_in_cwd(runs):
+    """Without run directories compare.py takes every out*/ here that holds a metrics.jsonl, and nothing else."""
+    write_run(runs / 'elsewhere', dense_rows(5, (3.0, 3.5)))             # not named out*: left out
+    (runs / 'out-empty').mkdir()                                          # out* without metrics: left out
     p = subprocess.run([sys.executable, os.path.join(REPO, 'compare.py')], cwd=runs, env={**env(), 'PYTHONPATH': REPO},
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
-    assert '| dense (1 run) |' in p.stdout and '| deepseek_moe (3 seeds) |' in p.stdout and '| moe (3 seeds) |' in p.stdout
-    assert (runs / 'compare_out' / 'val_loss.png').exists() and (runs / 'compare_out' / 'summary.json').exists()
+    summary = json.loads((runs / 'compare_out' / 'summary.json').read_text())
+    found = sorted(os.path.normpath(d) for g in summary['groups'] for d in g['runs'])
+    assert found == sorted(os.path.basename(str(d)) for d in run_dirs(runs))
+    assert [g['label'] for g in summary['groups']] == ['deepseek_moe (3 seeds)', 'dense (1 run)', 'moe (3 seeds)']
+    assert (runs / 'compare_out' / 'val_loss.png').exists()
 
 
 def test_two_tiny_real_runs_and_routing(tmp_path, gpt2):
