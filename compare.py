@@ -717,7 +717,15 @@ def plot_tradeoff(rows: list[dict], path: str) -> bool:
 def selection_counts(run: dict) -> tuple[list[list[float]], list[int], str] | None:
     """The counts (n_moe_layers, E) for expert_selection.png, the block id of each layer and where they come
     from: the final expert_selection row; for a run still in progress the latest eval's validation counts
-    (or, in older runs, its training load). None for a run without expert counts (dense)."""
+    (or, in older runs, its training load). An expert-choice run shows its training load instead ('final, training
+    load'): it routes by expert choice only in training, and its evaluation routes token by token. None for a run
+    without expert counts (dense)."""
+    if run['config'].get('config', {}).get('routing') == 'expert_choice':
+        rows = [r for r in run['evals'] if r.get('expert_counts')]
+        if rows:
+            counts = rows[-1]['expert_counts']
+            layers = run['selection']['layers'] if run['selection'] else list(range(len(counts)))
+            return counts, layers, 'final, training load' if run['selection'] else f"in progress: training load at iter {rows[-1]['iter']}"
     if run['selection']:
         return run['selection']['counts'], run['selection']['layers'], 'final'
     for key, what in (('val_expert_counts', 'validation batches'), ('expert_counts', 'training load')):
@@ -742,10 +750,13 @@ def plot_expert_selection(groups: list[dict], colors: dict, path: str) -> bool:
     fig, axes = plt.subplots(len(moe), n_layers, figsize=(3.2 * n_layers, 2.6 * len(moe)), squeeze=False)
     for i, (g, selections) in enumerate(moe):
         mean, low, high = share_spread([counts for counts, _, _ in selections])
-        layers = next((layers for _, layers, source in selections if source == 'final'), selections[0][1])
-        in_progress = [source for _, _, source in selections if source != 'final']
+        layers = next((layers for _, layers, source in selections if source.startswith('final')), selections[0][1])
+        in_progress = [source for _, _, source in selections if not source.startswith('final')]
         note = ('' if not in_progress else f'\n({in_progress[0]})' if len(selections) == 1
                 else f'\n({len(in_progress)}/{len(selections)} runs in progress)')
+        if any(source == 'final, training load' for _, _, source in selections):
+            note += '\n(training load: expert choice)'
+
         for j in range(n_layers):
             ax = axes[i, j]
             if j >= len(mean):
