@@ -21,9 +21,11 @@ Writes to --out:
                         groups with a 95% interval over seeds, and for two or more MoE groups the balance
                         trade-off (all also printed). Groups are comparable when they differ only in the FFN's
                         own settings (FFN_SETTINGS) and the seed; other pairs get a warning naming the settings
-                        that differ, and no difference
+                        that differ, and no difference. Expert-choice groups also get their final val loss
+                        evaluated both ways, causal and leaky (leak_row)
   summary.json          the same numbers for scripts: {"groups": [...], "pairs": [...], "not_compared": [...],
-                        "tradeoff": [...]} (tradeoff: one row per MoE group, tradeoff_row)
+                        "tradeoff": [...], "expert_choice": [...]} (tradeoff: one row per MoE group, tradeoff_row;
+                        expert_choice: one per expert-choice group, leak_row)
 Every number comes from the runs' metrics.jsonl (written by train.py); losses are pure cross-entropy.
 --routing loads a checkpoint and writes routing.png (token x expert gate values in one layer) and
 top_tokens.md (the most frequent tokens each expert receives on validation data).
@@ -252,6 +254,7 @@ def run_numbers(run: dict) -> dict:
         'maxvio_batch': layer_mean(final.get('maxvio_batch')),
         'maxvio_global': layer_mean(final.get('maxvio_global')),
         'dropped_share': layer_mean(final.get('dropped_frac')),
+        'final_val_loss_leaky': final.get('val_loss_leaky'),     # expert choice: evaluated as trained (see train.py)
     }
 
 
@@ -280,6 +283,37 @@ def t_975(df: int) -> float:
         return T_975[df - 1]
     z = 1.959964
     return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def leak_row(group: dict) -> dict | None:
+    """An expert-choice group's two final validation losses (README "Expert choice"): val_loss routes each token by
+    itself (causal), val_loss_leaky by expert choice over each batch as in training, which reads later tokens. The
+    leak = leaky - causal, per run, then its mean and 95% interval over the runs. None for other groups."""
+    numbers = [run_numbers(r) for r in group['runs']]
+    if any(n['final_val_loss_leaky'] is None for n in numbers):
+        return None
+    causal = [n['final_val_loss'] for n in numbers]
+    leaky = [n['final_val_loss_leaky'] for n in numbers]
+    (c, c_half), (lk, lk_half) = mean_interval(causal), mean_interval(leaky)
+    leak, leak_half = mean_interval([b - a for a, b in zip(causal, leaky)])
+    return {'group': group['label'], 'name': group['name'], 'n_runs': len(numbers),
+            'expert_choice_group': group['settings'].get('expert_choice_group'),
+            'causal_mean': c, 'causal_half_width': c_half, 'leaky_mean': lk, 'leaky_half_width': lk_half,
+            'leak_mean': leak, 'leak_half_width': leak_half, 'leak_runs': [b - a for a, b in zip(causal, leaky)]}
+
+
+def leak_table(rows: list[dict]) -> str:
+    """The expert-choice groups' causal and leaky final val losses as a markdown table."""
+    def cell(mean, half):
+        return f"{mean:.4f}" + ('' if half is None else f" ± {half:.4f}")
+    lines = ['| group | tokens chosen among (0 = batch) | val loss, token by token (causal) | val loss, as trained (leaky) | '
+             'leaky - causal |', '|---|---:|---:|---:|---:|']
+    for r in rows:
+        lines.append(f"| {r['group']} | {r['expert_choice_group']} | {cell(r['causal_mean'], r['causal_half_width'])} | "
+                     f"{cell(r['leaky_mean'], r['leaky_half_width'])} | {cell(r['leak_mean'], r['leak_half_width'])} |")
+    lines += ['', 'Means over runs ± the half-width of their 95% t interval; leaky - causal is taken run by run. The causal '
+              'loss is the one compared everywhere else; the leaky one reads later tokens through the choice of experts.']
+    return '\n'.join(lines)
 
 
 def mean_interval(values: list[float]) -> tuple[float, float | None]:
@@ -905,6 +939,7 @@ def main() -> None:
                 if s['ffn_type'] != 'dense']
     if plot_tradeoff(tradeoff, os.path.join(args.out, 'tradeoff.png')):
         written.append('tradeoff.png')
+    leaks = [row for row in (leak_row(g) for g in groups) if row]
 
     for s in summaries:
         if len(s['final_iters']) > 1:
@@ -923,15 +958,19 @@ def main() -> None:
                     + '\n'.join(f"- {q['text']}" for q in not_compared) + '\n')
         if len(tradeoff) >= 2:
             f.write('\nBalance trade-off:\n\n' + tradeoff_table(tradeoff) + '\n')
+        if leaks:
+            f.write('\nExpert choice, evaluated two ways:\n\n' + leak_table(leaks) + '\n')
     with open(os.path.join(args.out, 'summary.json'), 'w') as f:
-        json.dump({'groups': summaries, 'pairs': pairs, 'not_compared': not_compared, 'tradeoff': tradeoff}, f,
-                  indent=1)
+        json.dump({'groups': summaries, 'pairs': pairs, 'not_compared': not_compared, 'tradeoff': tradeoff,
+                   'expert_choice': leaks}, f, indent=1)
     print(table)
     if pairs:
         print('\nDifferences of final val loss (a - b), 95% interval over seeds:')
         print('\n'.join(p['text'] for p in pairs))
     if len(tradeoff) >= 2:
         print('\nBalance trade-off:\n' + tradeoff_table(tradeoff))
+    if leaks:
+        print('\nExpert choice, evaluated two ways:\n' + leak_table(leaks))
     print(f"\nwrote {', '.join(os.path.join(args.out, w) for w in written + ['summary.md', 'summary.json'])}")
 
 

@@ -606,3 +606,27 @@ def test_two_tiny_real_runs_and_routing(tmp_path, gpt2):
     assert slots == (2000 // 32) * 32 * 6                          # every validation token, top-6
     p = compare('--routing', tmp_path / 'out-dense', check=False)
     assert p.returncode != 0 and 'dense run' in p.stderr
+
+
+def test_expert_choice_groups_get_both_evaluations(tmp_path):
+    """val_loss (causal) and val_loss_leaky (as trained) of expert-choice runs: their means, and the leak taken run
+    by run, with a 95% interval (by hand: leaks 0.3, 0.5 -> mean 0.4, half-width 12.706 * 0.1414 / 1.4142 = 1.2706)."""
+    from compare import leak_row, leak_table
+    dirs = []
+    for seed, (causal, leaky) in ((1, (3.0, 3.3)), (2, (3.2, 3.7))):
+        rows = moe_rows('moe', seed, (causal + 0.1, causal), [0.0, 0.0], [0.5, 0.5], [0.0, 0.0],
+                        routing='expert_choice', expert_choice_group=0)
+        rows[-2]['val_loss_leaky'] = leaky
+        write_run(tmp_path / f'ec-{seed}', rows)
+        dirs.append(tmp_path / f'ec-{seed}')
+    write_run(tmp_path / 'tc', moe_rows('moe', 1, (3.2, 3.1), [0.1, 0.1], [0.1, 0.1], [0.0, 0.0]))
+    groups = group_runs([load_run(str(d)) for d in dirs + [tmp_path / 'tc']])
+    row = leak_row(groups[0])
+    assert row['causal_mean'] == pytest.approx(3.1) and row['leaky_mean'] == pytest.approx(3.5)
+    assert row['leak_runs'] == pytest.approx([0.3, 0.5]) and row['leak_mean'] == pytest.approx(0.4)
+    assert row['leak_half_width'] == pytest.approx(12.706 * math.sqrt(0.02) / math.sqrt(2))
+    assert leak_row(groups[1]) is None                                 # token choice: one evaluation
+    assert '| moe [routing=expert_choice] (2 seeds) | 0 | 3.1000 ± ' in leak_table([row])
+    p = compare(*dirs, tmp_path / 'tc', '--out', tmp_path / 'cmp')
+    assert 'Expert choice, evaluated two ways' in p.stdout
+    assert json.loads((tmp_path / 'cmp' / 'summary.json').read_text())['expert_choice'][0]['leak_mean'] == pytest.approx(0.4)
