@@ -8,3 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python}
 $PYTHON results/study.py results/balance/runs.txt --cpus "${CPUS:-0,1}"
+# groups in this order: config/deepseek_moe.py as it is, the loss-free settings, the auxiliary-loss ones, none
+runs=""
+for group in default free_1e-3 free_3e-3 free_1e-2 free_3e-2 prop_ decay_ aux_1e-3 aux_1e-2 aux_1e-1 none; do
+  runs="$runs $(ls -d results/balance/runs/$group*-s* 2>/dev/null || true)"
+done
+# shellcheck disable=SC2086
+$PYTHON compare.py $runs --out results/balance

@@ -8,3 +8,16 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python}
 $PYTHON results/study.py results/cpu/runs.txt --cpus "${CPUS:-0,1}"
+# groups in this order, so that every difference a - b reads "the richer model minus the simpler one":
+# deepseek_moe - moe_shared is rung 3, moe_shared - moe_finegrained rung 2, moe_finegrained - moe rung 1
+runs=""
+for config in dense_total deepseek_moe moe_shared moe_finegrained moe dense; do
+  runs="$runs $(ls -d results/cpu/runs/$config-s* 2>/dev/null || true)"
+done
+# shellcheck disable=SC2086
+$PYTHON compare.py $runs --out results/cpu
+# where the tokens go: the last MoE layer of DeepSeekMoE's first seed (routing.png, top_tokens.md)
+if [ -f out-study/cpu/deepseek_moe-s1/ckpt.pt ]; then
+  $PYTHON compare.py --routing out-study/cpu/deepseek_moe-s1 --out results/cpu \
+    --text "Once upon a time, Lily found a red ball in the park. She was very happy."
+fi
