@@ -26,6 +26,7 @@ Ratios are measured in one run on one machine; absolute times move with the mach
 """
 
 import argparse
+import dataclasses
 import math
 import statistics
 import time
@@ -37,7 +38,7 @@ import os
 from configurator import configure
 from model import GPT, GPTConfig
 from moe import expert_capacity, expert_load, grouped_mm_runs
-from runtime import gpu_peak_flops
+from runtime import gpu_peak_flops, resolve_runtime
 
 
 # The scaling family: (routed experts, top_k). Expert width 4 * n_embd / top_k keeps the active width fixed.
@@ -176,7 +177,7 @@ def ffn_layer_fns(cfg: GPTConfig, args, device: str):
     gate = gates.t().reshape(-1)[order].to(dtype).clone().requires_grad_()
     xsh = xf.clone().requires_grad_()
     # the expert matmuls of the path the layer itself takes (see MoE.run_experts)
-    grouped = cfg.moe_dispatch != 'loop' and grouped_mm_runs(device, dtype, args.compile)
+    grouped = cfg.moe_dispatch != 'loop' and grouped_mm_runs(device, dtype, args.compile, (cfg.n_embd, cfg.expert_hidden))
     experts = ((lambda: layer._experts_grouped(xs, gate, counts, keep)) if grouped
                else (lambda: layer._experts_loop(xs, gate, counts, keep)))
     experts = compiled(experts) if args.compile else experts
@@ -211,8 +212,18 @@ def check_no_host_sync(cfg: GPTConfig, args) -> str:
     return result
 
 
+def with_runtime_dispatch(cfg: GPTConfig, args, device: str) -> GPTConfig:
+    """cfg with the MoE dispatch train.py would choose on this machine for this dtype and compile (runtime.py):
+    the loop below sm90, say, where the layer's own 'auto' would take grouped_mm."""
+    if cfg.ffn_type == 'dense':
+        return cfg
+    rt = resolve_runtime(device, args.dtype, args.compile, 'auto', (cfg.n_embd, cfg.expert_hidden))
+    return dataclasses.replace(cfg, moe_dispatch=rt.moe_dispatch)
+
+
 def bench_size(n_layer: int, n_embd: int, args, device: str) -> None:
-    configs = model_configs(n_layer, n_embd, args.vocab_size, args.block_size, not args.no_scaling)
+    configs = {name: with_runtime_dispatch(cfg, args, device)
+               for name, cfg in model_configs(n_layer, n_embd, args.vocab_size, args.block_size, not args.no_scaling).items()}
     tokens = args.batch_size * args.block_size
     peak = gpu_peak_flops(device) if device == 'cuda' else None
     print(f"\n## n_layer={n_layer} n_embd={n_embd}, {args.batch_size}x{args.block_size} tokens, "

@@ -582,7 +582,8 @@ def tradeoff_table(rows: list[dict]) -> str:
         lines.append(f"| {r['group']} | {r['kind']} | {r['n_runs']} | {loss} | {maxvio_spread(r, 'maxvio_global')} | "
                      f"{maxvio_spread(r, 'maxvio_batch')} |")
     lines += ['', "balancing: loss-free = bias updates (Wang et al. 2024) and no balancing loss; auxiliary loss = an "
-              "aux, balance or sequence-wise loss and no bias updates; both; none. Final val loss: mean over the "
+              "aux, balance or sequence-wise loss and no bias updates; both; expert choice = balanced by construction in "
+              "training (its MaxVio is that of its token-by-token evaluation); none. Final val loss: mean over the "
               "group's runs, 95% t interval of the mean (mean ± t_{0.975, n-1} sd / sqrt(n); none for one run). "
               "MaxVio: the final eval's, averaged over MoE layers, mean over runs (min-max over runs); random = "
               "the MaxVio random routing of as many tokens shows."]
@@ -751,15 +752,12 @@ def plot_tradeoff(rows: list[dict], path: str) -> bool:
 def selection_counts(run: dict) -> tuple[list[list[float]], list[int], str] | None:
     """The counts (n_moe_layers, E) for expert_selection.png, the block id of each layer and where they come
     from: the final expert_selection row; for a run still in progress the latest eval's validation counts
-    (or, in older runs, its training load). An expert-choice run shows its training load instead ('final, training
-    load'): it routes by expert choice only in training, and its evaluation routes token by token. None for a run
-    without expert counts (dense)."""
-    if run['config'].get('config', {}).get('routing') == 'expert_choice':
-        rows = [r for r in run['evals'] if r.get('expert_counts')]
-        if rows:
-            counts = rows[-1]['expert_counts']
-            layers = run['selection']['layers'] if run['selection'] else list(range(len(counts)))
-            return counts, layers, 'final, training load' if run['selection'] else f"in progress: training load at iter {rows[-1]['iter']}"
+    (or, in older runs, its training load). An expert-choice run's final selection is its routing token by token
+    ('final, token by token'), the routing its val_loss and maxvio_global see; in training each of its experts
+    takes exactly 1/E of the slots (the dashed line), which its training load shows. None for a run without
+    expert counts (dense)."""
+    if run['selection'] and run['config'].get('config', {}).get('routing') == 'expert_choice':
+        return run['selection']['counts'], run['selection']['layers'], 'final, token by token'
     if run['selection']:
         return run['selection']['counts'], run['selection']['layers'], 'final'
     for key, what in (('val_expert_counts', 'validation batches'), ('expert_counts', 'training load')):
@@ -788,8 +786,8 @@ def plot_expert_selection(groups: list[dict], colors: dict, path: str) -> bool:
         in_progress = [source for _, _, source in selections if not source.startswith('final')]
         note = ('' if not in_progress else f'\n({in_progress[0]})' if len(selections) == 1
                 else f'\n({len(in_progress)}/{len(selections)} runs in progress)')
-        if any(source == 'final, training load' for _, _, source in selections):
-            note += '\n(training load: expert choice)'
+        if any(source == 'final, token by token' for _, _, source in selections):
+            note += '\n(expert choice: routed token by token;\nin training every expert takes exactly 1/E)'
 
         for j in range(n_layers):
             ax = axes[i, j]

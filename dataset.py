@@ -124,6 +124,9 @@ def _meta_problem(meta: dict) -> str:
         return f"gpt2_ids must lie in 0..{GPT2_VOCAB_SIZE - 1}, got {min(ids)}..{max(ids)}"
     if len(set(ids)) != len(ids):
         return f"gpt2_ids repeats {len(ids) - len(set(ids))} id(s)"
+    missing = sorted((set(range(256)) | {GPT2_EOT}) - set(ids))   # GPT-2's byte tokens are its ids 0-255 (byte_tokens)
+    if missing:
+        return f"gpt2_ids lacks the byte or end-of-text tokens {missing[:8]} that every text falls back on"
     return ''
 
 

@@ -226,10 +226,14 @@ class GPT(nn.Module):
 
     def param_counts(self) -> dict[str, int]:
         """Total and active (used per token) parameters, without the position embeddings (as nanoGPT).
-        Active = total minus the routed experts a token does not visit: (E - k) experts per MoE layer."""
+        Active = total minus the routed experts a token does not visit: (E - k) experts per MoE layer. Under expert
+        choice a token visits capacity_factor * k experts on average in training (k when evaluated token by token);
+        the training average is counted, so that MFU counts the FLOPs trained."""
         total = sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
-        inactive = sum((m.n_experts - m.top_k) * (m.w_gate[0].numel() + m.w_up[0].numel() + m.w_down[0].numel())
-                       for m in self.moe_layers())
+        inactive = 0
+        for m in self.moe_layers():
+            visited = min(m.n_experts, m.top_k * m.capacity_factor) if m.expert_choice else m.top_k
+            inactive += round((m.n_experts - visited) * (m.w_gate[0].numel() + m.w_up[0].numel() + m.w_down[0].numel()))
         return {'total': total, 'active': total - inactive}
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, return_aux: bool = False):

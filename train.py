@@ -77,6 +77,7 @@ bias_update_speed = 0.0      # gamma of auxiliary-loss-free balancing; 0 = off
 bias_update_rule = 'sign'    # 'sign' (DeepSeek-V3) | 'proportional' (Wang et al. 2024)
 bias_recenter = False        # re-centre the biases to mean 0 after each update (changes no routing decision)
 bias_update_schedule = 'constant'  # 'constant' gamma | 'lr': full gamma through the warmup, then decayed as the LR is
+                                   # (with decay_lr=False the LR stays, and so does gamma)
 routing = 'token_choice'     # 'token_choice' | 'expert_choice' (Zhou et al. 2022; see GPTConfig and README)
 expert_choice_group = 0      # expert choice: tokens an expert chooses among; 0 = the whole batch
 moe_dispatch = 'auto'        # 'auto' (grouped where F.grouped_mm is fast, see runtime.choose_runtime) | 'grouped' | 'loop'
@@ -127,6 +128,10 @@ def check_settings(s: dict) -> None:
         raise ValueError(f"bias_update_schedule must be 'constant' or 'lr', got {s['bias_update_schedule']!r}")
     if s['init_from'] not in ('scratch', 'resume'):
         raise ValueError(f"init_from must be 'scratch' or 'resume', got {s['init_from']!r}")
+    group = s['expert_choice_group']
+    if s['routing'] == 'expert_choice' and group > 0 and (s['batch_size'] * s['block_size']) % group:
+        raise ValueError(f"expert_choice_group={group} must divide the {s['batch_size'] * s['block_size']} tokens of a "
+                         f"batch (batch_size x block_size): e.g. {s['block_size']} for each sequence, or 0 for the batch")
 
 
 def resume_settings(saved: dict, model_args: dict, argv: list[str], out_dir: str) -> dict:
@@ -226,8 +231,8 @@ def duration(seconds: float) -> str:
 def run_vocab_size(requested: int, given: bool, resumed: bool, meta_size: int | None, needed: int,
                    meta_path: str) -> tuple[int, str]:
     """The model's vocab_size and the line that says where it came from. A scratch run on data with a meta.pkl
-    (prepare.py --vocab N) takes meta_size unless a vocab_size was given (on the command line or in a config
-    file); a resume keeps the checkpoint's (requested). Raises ValueError if it is smaller than the data needs
+    (prepare.py --vocab N) takes meta_size unless a vocab_size was given (on the command line, or a value other
+    than the default in a config file); a resume keeps the checkpoint's (requested). Raises ValueError if it is smaller than the data needs
     (needed: its largest id + 1). The line is '' for data without a meta.pkl (GPT-2 ids)."""
     size = meta_size if meta_size is not None and not given and not resumed else requested
     if size < needed:
@@ -238,6 +243,18 @@ def run_vocab_size(requested: int, given: bool, resumed: bool, meta_size: int | 
     why = 'the checkpoint\'s' if resumed else 'as given' if given else 'from meta.pkl'
     return size, (f"vocab_size {size} ({why}): {meta_path} holds a compact vocabulary of {meta_size:,} tokens "
                   f"(GPT-2's BPE restricted by prepare.py --vocab)")
+
+
+def data_id_bound(data_dir: str, data: dict) -> int:
+    """The vocabulary size the ids of data without a meta.pkl need: prepare.py's meta.json gives it for GPT-2 ids
+    (50,257); other data (made by hand) is scanned for its largest id + 1."""
+    path = os.path.join(data_dir, 'meta.json')
+    if os.path.isfile(path):
+        with open(path) as f:
+            size = json.load(f).get('vocab_size')
+        if isinstance(size, int):
+            return size
+    return int(max(split.max() for split in data.values())) + 1
 
 
 def rounded(values: torch.Tensor, digits: int = 4) -> list:
@@ -272,11 +289,16 @@ if __name__ == '__main__':
         data = open_data(data_path, config['dataset'], config['block_size'])
         meta_path = os.path.join(data_path, 'meta.pkl')
         meta = read_meta(meta_path) if os.path.isfile(meta_path) else None
-        needed = meta['vocab_size'] if meta else int(max(split.max() for split in data.values())) + 1
+        gpt2_ids = meta['gpt2_ids'] if meta else None      # recorded in the checkpoint, for sample.py and compare.py
+        if checkpoint is not None and checkpoint.get('data', {}).get('gpt2_ids') != gpt2_ids:
+            was = checkpoint.get('data', {}).get('gpt2_ids')
+            raise ValueError(f"{data_path} holds ids of {'GPT-2' if gpt2_ids is None else f'a {len(gpt2_ids):,}-token compact'} "
+                             f"vocabulary, but the checkpoint was trained on {'GPT-2' if was is None else f'a {len(was):,}-token compact'} "
+                             f"one; resume on the data it was trained on (--dataset/--data_dir)")
+        needed = meta['vocab_size'] if meta else data_id_bound(data_path, data)
         given = any(a.startswith('--vocab_size=') for a in sys.argv[1:]) or config['vocab_size'] != DEFAULTS['vocab_size']
         config['vocab_size'], vocab_line = run_vocab_size(config['vocab_size'], given, checkpoint is not None,
                                                           meta and meta['vocab_size'], needed, meta_path)
-        gpt2_ids = meta['gpt2_ids'] if meta else None      # recorded in the checkpoint, for sample.py and compare.py
         globals().update(config)
         model_args = {k: config[k] for k in MODEL_KEYS}
         device, device_type, dtype, compile = runtime.device, runtime.device_type, runtime.dtype, runtime.compile
@@ -432,7 +454,7 @@ if __name__ == '__main__':
         # evaluate and checkpoint, every eval_interval and at the end (not again right after a resume); rank 0
         # evaluates, and every rank learns its verdict
         last = iter_num >= max_iters
-        if (iter_num % eval_interval == 0 or last) and (iter_num != resumed_at or eval_only):
+        if eval_only or ((iter_num % eval_interval == 0 or last) and iter_num != resumed_at):
             failure, save = '', False
             if master:
                 elapsed = time.time() - t_last_eval

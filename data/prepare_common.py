@@ -209,10 +209,12 @@ def write_restricted(gpt2_dir: str, out_dir: str, n: int, counts: dict, source: 
     write_meta(gpt2_dir, restricted, source, {
         'vocab_size': vocab.vocab_size, 'vocab_requested': n, 'eot_token': vocab.eot_token,
         'train_distinct_gpt2_tokens': distinct, 'kept_share_of_train': round(share, 6)})
-    for split in counts:
-        os.replace(os.path.join(gpt2_dir, f'{split}.compact'), os.path.join(out_dir, f'{split}.bin'))
+    # meta.pkl first: a kill between the renames must never leave compact .bin files without it (they would read
+    # as GPT-2 ids); at worst an old .bin stands beside the new meta.pkl, which train.py's id check catches
     for name in ('meta.pkl', 'meta.json'):
         os.replace(os.path.join(gpt2_dir, name), os.path.join(out_dir, name))
+    for split in counts:
+        os.replace(os.path.join(gpt2_dir, f'{split}.compact'), os.path.join(out_dir, f'{split}.bin'))
     print(f"counted and remapped in {time.time() - t0:.1f}s")
 
 

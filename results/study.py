@@ -63,7 +63,8 @@ def finished(run_dir: str) -> bool:
 
 def prepare_data() -> None:
     """The compact-vocabulary TinyStories sample the CPU studies train on, if it is not there yet."""
-    if os.path.isfile(os.path.join(REPO, 'data', 'tinystories_v4096', 'train.bin')):
+    folder = os.path.join(REPO, 'data', 'tinystories_v4096')
+    if all(os.path.isfile(os.path.join(folder, f)) for f in ('train.bin', 'val.bin', 'meta.pkl')):
         return
     src = os.path.join(SHARED, 'data', 'tinystories')
     subprocess.run([sys.executable, 'data/tinystories/prepare.py', '--input', os.path.join(src, 'train.txt'),
@@ -82,10 +83,10 @@ def run_one(name: str, args: list[str], study: str, cpu: str, log) -> str:
         except BlockingIOError:
             log(f"{name}: running in another process, skipped")
             return 'elsewhere'
-        return train_to_end(name, args, run_dir, results, cpu, log)
+        return train_to_end(name, args, run_dir, results, cpu, log, lock)
 
 
-def train_to_end(name: str, args: list[str], run_dir: str, results: str, cpu: str, log) -> str:
+def train_to_end(name: str, args: list[str], run_dir: str, results: str, cpu: str, log, lock) -> str:
     if finished(run_dir):
         log(f"{name}: finished, skipped")
     else:
@@ -96,7 +97,9 @@ def train_to_end(name: str, args: list[str], run_dir: str, results: str, cpu: st
         log(f"{name} ({init}) on cpu {cpu}")
         start = time.time()
         with open(run_dir + '.log', 'a') as out:
-            status = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=run_env()).returncode
+            # train.py inherits the lock: if this process is killed, the run stays locked until train.py ends too
+            status = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=run_env(),
+                                    pass_fds=(lock.fileno(),)).returncode
         if status or not finished(run_dir):
             log(f"{name}: train.py failed ({status}); see {run_dir}.log")
             return 'failed'

@@ -104,6 +104,12 @@ def test_an_old_format_checkpoint_is_refused_then_converted_once_and_resumes(tra
     assert 'numpy_rng_state' in p.stdout and (run_dir / 'ckpt.pt.pickled').exists()
     converted = torch.load(run_dir / 'ckpt.pt', weights_only=True)
     assert set(converted) == set(ckpt)
+    # that version summed the aux losses over the 2 MoE layers: the coefficients double to keep their strength
+    assert converted['config']['seq_aux_coef'] == pytest.approx(2 * ckpt['config']['seq_aux_coef'])
+    assert converted['model_args']['seq_aux_coef'] == pytest.approx(2 * ckpt['model_args']['seq_aux_coef'])
+    original = (run_dir / 'ckpt.pt.pickled').read_bytes()
+    p = run(['convert_checkpoint.py', '--i-trust-this-file', run_dir / 'ckpt.pt'])   # twice: nothing to do
+    assert 'already in the safe form' in p.stdout and (run_dir / 'ckpt.pt.pickled').read_bytes() == original
     run(['train.py', f'--out_dir={run_dir}', '--init_from=resume', '--max_iters=12', '--eval_interval=2'])
     assert read_checkpoint(str(run_dir / 'ckpt.pt'))['iter_num'] == 12
 

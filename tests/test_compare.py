@@ -536,11 +536,11 @@ def test_truncated_empty_and_missing_metrics(runs):
         [[40, 20, 20, 20], [25, 25, 25, 25]], [0, 1], 'in progress: validation batches at iter 100')
     assert selection_counts(load_run(str(runs / 'out-moe-1')))[1:] == ([0, 1], 'final')
     assert selection_counts(load_run(str(runs / 'out-dense'))) is None
-    # expert choice routes by expert choice in training only: its histogram is its training load
+    # expert choice: the final selection is routed token by token (in training every expert gets exactly 1/E)
     ec = moe_rows('moe', 1, (3.2, 3.0), [0.0, 0.0], [0.5, 0.5], [0.0, 0.0], routing='expert_choice')
-    ec[-2]['expert_counts'] = [[30, 30, 30, 30], [30, 30, 30, 30]]
     write_run(runs / 'out-ec', ec)
-    assert selection_counts(load_run(str(runs / 'out-ec'))) == ([[30] * 4, [30] * 4], [0, 1], 'final, training load')
+    assert selection_counts(load_run(str(runs / 'out-ec'))) == ([[10, 30, 0, 0], [5, 5, 5, 25]], [0, 1],
+                                                                'final, token by token')
     p = compare(runs / 'out-empty', '--out', runs / 'cmp2', check=False)
     assert p.returncode != 0 and 'no usable runs' in p.stderr and 'Traceback' not in p.stderr
 

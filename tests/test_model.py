@@ -73,6 +73,19 @@ def test_dropout_reaches_every_ffn_output(kind):
     torch.testing.assert_close(ffn(x)[0], ffn(x)[0])
 
 
+def test_expert_choice_active_parameters_count_the_experts_a_token_visits_in_training():
+    """Under expert choice a token visits capacity_factor * top_k experts on average in training: active parameters
+    (and MFU's FLOPs) count those, so capacity_factor 2 at top-2 is 4 experts, as a token-choice top-4."""
+    ec = dict(ffn_type='moe', n_experts=8, top_k=2, expert_hidden=32, routing='expert_choice', balance_loss_coef=0.0,
+              z_loss_coef=0.0, aux_loss_coef=0.0)
+    per_expert = 3 * 32 * 32
+    one = tiny('moe', **{**ec, 'capacity_factor': 1.0}).param_counts()
+    two = tiny('moe', **{**ec, 'capacity_factor': 2.0}).param_counts()
+    assert one['total'] == two['total'] and two['active'] - one['active'] == 2 * 2 * per_expert   # 2 layers x 2 experts
+    topk = tiny('moe', n_experts=8, top_k=2, expert_hidden=32, capacity_factor=1.0).param_counts()
+    assert one['active'] == topk['active']
+
+
 def test_top1_standard_moe_is_a_switch_layer_whose_router_learns():
     """At top_k=1 the gate is the chosen expert's full-softmax probability (Switch Transformer), so the language-
     model loss alone reaches the router; a softmax over one kept logit would be 1 and leave it without gradient."""

@@ -149,6 +149,7 @@ def naive_moe(layer: MoE, x: torch.Tensor) -> torch.Tensor:
 CASES = [
     dict(ffn_type='moe'),
     dict(ffn_type='moe', capacity_factor=1.0),
+    dict(ffn_type='moe', hidden=32, capacity_factor=1.0),      # H > C: the gate multiplies the output rows
     dict(ffn_type='moe', top_k=1, capacity_factor=0.5),
     dict(ffn_type='deepseek_moe', n_experts=12, top_k=3, hidden=8, shared=2),
     dict(ffn_type='deepseek_moe', n_experts=12, top_k=3, hidden=8, shared=2, score_func='sigmoid'),

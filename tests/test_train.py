@@ -678,3 +678,42 @@ def test_expert_choice_run_logs_both_evaluations_and_perfect_training_balance(da
     assert min(ev[-1]['maxvio_global']) > 0                   # the causal evaluation routes token by token
     assert '(leaky: ' in p.stdout
     assert [r for r in metrics(out) if r['type'] == 'expert_selection'][0]['counts']   # causal, like eval
+
+
+def test_resume_refuses_data_of_another_vocabulary(data_dir, tmp_path):
+    """A checkpoint trained on GPT-2-style ids resumed on a compact dataset (or the other way round) would go on
+    training on ids that mean other tokens: refused in one line."""
+    import pickle
+    out = tmp_path / 'out'
+    run(['train.py', 'config/dense.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2',
+         '--eval_interval=2'])
+    compact = random_token_data(tmp_path / 'compact', 128, 3000)
+    with open(os.path.join(compact, 'meta.pkl'), 'wb') as f:
+        pickle.dump({'vocab_size': 300, 'gpt2_ids': list(range(256)) + list(range(1000, 1043)) + [50256]}, f)
+    p = run(['train.py', f'--out_dir={out}', '--init_from=resume', '--max_iters=4', f'--data_dir={compact}'], check=False)
+    assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and 'Traceback' not in p.stderr, p.stderr
+    assert 'holds ids of a 300-token compact vocabulary, but the checkpoint was trained on GPT-2 one' in p.stderr
+
+
+def test_expert_choice_group_must_divide_the_batch_and_eval_only_always_looks(data_dir, tmp_path):
+    p = run(['train.py', 'config/moe_expert_choice.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path / "x"}',
+             '--expert_choice_group=48'], check=False)
+    assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and 'Traceback' not in p.stderr
+    assert 'expert_choice_group=48 must divide the 256 tokens of a batch' in p.stderr
+    # a look with another eval_interval than the run's still evaluates (it once wrote only a config row)
+    out = tmp_path / 'run'
+    run(['train.py', 'config/dense.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=4',
+         '--eval_interval=4'])
+    run(['train.py', f'--out_dir={out}', '--init_from=resume', '--eval_only=True', '--eval_interval=3'])
+    looks = [r for r in evals(out) if r.get('eval_only')]
+    assert len(looks) == 1 and looks[0]['iter'] == 4
+
+
+def test_gpt2_data_needs_gpt2_s_vocabulary_without_a_scan(tmp_path):
+    """prepare.py's meta.json says GPT-2 ids need 50,257 entries: a smaller vocab_size is refused even if the ids
+    present happen to be small (the files are not scanned)."""
+    d = random_token_data(tmp_path / 'data', 100, 3000)
+    with open(os.path.join(d, 'meta.json'), 'w') as f:
+        json.dump({'tokenizer': 'tiktoken gpt2', 'vocab_size': 50257}, f)
+    p = run(['train.py', 'config/dense.py', *TINY, f'--data_dir={d}', f'--out_dir={tmp_path / "x"}'], check=False)
+    assert p.returncode != 0 and 'vocab_size=128 is smaller than the data needs: it holds token ids up to 50256' in p.stderr

@@ -264,7 +264,15 @@ def test_train_takes_vocab_size_from_meta_and_sample_decodes_through_it(sample, 
     # sample.py needs no flag: the checkpoint knows its vocabulary; the prompt comes back exactly
     p = script('sample.py', f'--out_dir={out}', '--device=cpu', '--start=Once upon a time, Zoë', '--num_samples=1',
                '--max_new_tokens=20')
-    assert p.stdout.startswith('Once upon a time, Zoë') and len(p.stdout) > 40
+    # the same generation here, decoded through the checkpoint's vocabulary: sample.py printed exactly that
+    from model import load_checkpoint
+    model, _ = load_checkpoint(str(out / 'ckpt.pt'))
+    vocab = Vocab(ckpt['data']['gpt2_ids'])
+    prompt = vocab.encode('Once upon a time, Zoë', allow_eot=True)
+    torch.manual_seed(1337)
+    y = model.generate(torch.tensor([prompt]), 20, temperature=0.8, top_k=200, n_tokens=vocab.vocab_size)
+    assert p.stdout == 'Once upon a time, Zoë' + vocab.decode(y[0, len(prompt):].tolist()) + '\n---------------\n'
+    assert vocab.decode(prompt) == 'Once upon a time, Zoë'
     # compare.py --routing reads the run's own validation data (from the checkpoint) and labels tokens through
     # its vocabulary: every listed token is one compact id's text
     script('compare.py', '--routing', out, '--text', 'Once upon a time, Zoë', '--out', tmp_path / 'cmp',
