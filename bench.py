@@ -26,6 +26,7 @@ Ratios are measured in one run on one machine; absolute times move with the mach
 """
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import statistics
@@ -45,18 +46,38 @@ from runtime import gpu_peak_flops, resolve_runtime
 SCALING = [(8, 2), (64, 8), (256, 16)]
 
 
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def config_of(*argv: str) -> GPTConfig:
+    """The model that python train.py <argv> builds: config files and --key=value through the configurator."""
+    from train import DEFAULTS, MODEL_KEYS
+    settings = configure(DEFAULTS, list(argv))
+    return GPTConfig(**{k: settings[k] for k in MODEL_KEYS})
+
+
+def ffn_step(ffn, x: torch.Tensor, gy: torch.Tensor, autocast=None):
+    """One forward + backward of an FFN layer on x with upstream gradient gy, the balancing losses' backward
+    included: what bench.py, bench/profile_layer.py and bench/ab_moe.py time."""
+    def step():
+        with autocast or contextlib.nullcontext():
+            y, aux = ffn(x)
+        outs, grads = [y], [gy.to(y.dtype)]
+        if aux and aux['aux_loss'].requires_grad:
+            outs, grads = outs + [aux['aux_loss']], grads + [torch.ones_like(aux['aux_loss'])]
+        torch.autograd.backward(outs, grads)
+    return step
+
+
 def model_configs(n_layer: int, n_embd: int, vocab_size: int, block_size: int, scaling: bool) -> dict[str, GPTConfig]:
     """The benchmarked models, built from the config files through the configurator as train.py builds them, at
     this size (heads of 64); all have the active FFN width 4 * n_embd. The scaling rows are config/deepseek_moe.py
     with more, narrower routed experts: top_k * expert_hidden = 4 * n_embd, no shared experts."""
-    from train import DEFAULTS, MODEL_KEYS
-    here = os.path.dirname(os.path.abspath(__file__))
     size = [f'--n_layer={n_layer}', f'--n_embd={n_embd}', f'--n_head={max(1, n_embd // 64)}',
             f'--vocab_size={vocab_size}', f'--block_size={block_size}']
 
     def build(name: str, *extra: str) -> GPTConfig:
-        settings = configure(DEFAULTS, [os.path.join(here, 'config', f'{name}.py'), *size, *extra])
-        return GPTConfig(**{k: settings[k] for k in MODEL_KEYS})
+        return config_of(os.path.join(REPO, 'config', f'{name}.py'), *size, *extra)
     configs = {name: build(name) for name in ('dense', 'moe', 'deepseek_moe')}
     if scaling:
         for n_experts, top_k in SCALING:
@@ -154,15 +175,7 @@ def ffn_layer_fns(cfg: GPTConfig, args, device: str):
     x = torch.randn(args.batch_size, cfg.block_size, cfg.n_embd, device=device, requires_grad=True)
     gy = torch.randn(args.batch_size, cfg.block_size, cfg.n_embd, device=device)   # upstream gradient
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == 'bfloat16')
-    fwd = compiled(layer) if args.compile else layer
-
-    def fwd_bwd():
-        with autocast:
-            y, aux = fwd(x)
-        outs, grads = [y], [gy.to(y.dtype)]
-        if aux and aux['aux_loss'].requires_grad:  # the balancing losses' backward is part of the cost
-            outs, grads = outs + [aux['aux_loss']], grads + [torch.ones_like(aux['aux_loss'])]
-        torch.autograd.backward(outs, grads)
+    fwd_bwd = ffn_step(compiled(layer) if args.compile else layer, x, gy, autocast)
     if cfg.ffn_type == 'dense':
         return {'layer': fwd_bwd}
     shared = layer.shared_experts

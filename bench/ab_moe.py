@@ -20,10 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench import interleaved_times, median_ratio  # noqa: E402
-from configurator import configure  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from train import DEFAULTS, MODEL_KEYS  # noqa: E402
+from bench import config_of, ffn_step, first_ffn, interleaved_times, median_ratio  # noqa: E402
 
 
 def load_module(path: str, name: str):
@@ -34,18 +31,10 @@ def load_module(path: str, name: str):
 
 
 def layer_step(layer: torch.nn.Module, args):
-    """forward + backward of layer on fixed random tokens (the aux loss's backward included)."""
+    """forward + backward of layer on fixed random tokens (bench.ffn_step)."""
     torch.manual_seed(1)
     x = torch.randn(args.batch_size, args.block_size, args.n_embd, requires_grad=True)
-    gy = torch.randn_like(x)
-
-    def step():
-        y, aux = layer(x)
-        outs, grads = [y], [gy]
-        if aux and aux['aux_loss'].requires_grad:
-            outs, grads = outs + [aux['aux_loss']], grads + [torch.ones_like(aux['aux_loss'])]
-        torch.autograd.backward(outs, grads)
-    return step
+    return ffn_step(layer, x, torch.randn_like(x))
 
 
 def main() -> None:
@@ -62,11 +51,9 @@ def main() -> None:
     versions = {'a': load_module(args.a, 'moe_a'), 'b': load_module(args.b, 'moe_b')}
     fns = {}
     for name in ('dense', 'moe', 'deepseek_moe'):
-        settings = configure(DEFAULTS, [f'config/{name}.py', f'--n_embd={args.n_embd}', '--n_layer=1',
-                                        f'--n_head={max(1, args.n_embd // 32)}', f'--block_size={args.block_size}'])
-        cfg = GPTConfig(**{k: settings[k] for k in MODEL_KEYS})
-        torch.manual_seed(0)
-        ffn = GPT(cfg).transformer.h[0].ffn                  # initialised as in training
+        cfg = config_of(f'config/{name}.py', f'--n_embd={args.n_embd}', '--n_layer=1',
+                        f'--n_head={max(1, args.n_embd // 32)}', f'--block_size={args.block_size}')
+        ffn = first_ffn(cfg)                                 # initialised as in training
         if name == 'dense':
             fns['dense'] = layer_step(ffn, args)
             continue

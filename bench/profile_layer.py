@@ -18,16 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configurator import configure  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from train import DEFAULTS, MODEL_KEYS  # noqa: E402
-
-
-def first_ffn(config_file: str, n_embd: int, block_size: int) -> torch.nn.Module:
-    settings = configure(DEFAULTS, [config_file, f'--n_embd={n_embd}', f'--n_head={max(1, n_embd // 32)}',
-                                    '--n_layer=1', f'--block_size={block_size}', '--vocab_size=256'])
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**{k: settings[k] for k in MODEL_KEYS})).transformer.h[0].ffn
+from bench import config_of, ffn_step, first_ffn  # noqa: E402
 
 
 def main() -> None:
@@ -42,17 +33,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for config_file in args.configs:
-        layer = first_ffn(config_file, args.n_embd, args.block_size)
+        layer = first_ffn(config_of(config_file, f'--n_embd={args.n_embd}', f'--n_head={max(1, args.n_embd // 32)}',
+                                    '--n_layer=1', f'--block_size={args.block_size}', '--vocab_size=256'))
         torch.manual_seed(1)
         x = torch.randn(args.batch_size, args.block_size, args.n_embd, requires_grad=True)
-        gy = torch.randn_like(x)
-
-        def step():
-            y, aux = layer(x)
-            outs, grads = [y], [gy]
-            if aux and aux['aux_loss'].requires_grad:
-                outs, grads = outs + [aux['aux_loss']], grads + [torch.ones_like(aux['aux_loss'])]
-            torch.autograd.backward(outs, grads)
+        step = ffn_step(layer, x, torch.randn_like(x))
         for _ in range(3):
             step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
