@@ -379,11 +379,11 @@ def test_comparable_settings():
     assert not_compared_text('deepseek_moe', 'moe', cpu, gpu, ['max_iters', 'n_embd']) == (
         'deepseek_moe and moe differ in max_iters (40 vs 4), n_embd (128 vs 384): not compared')
     assert not_compared_text('a', 'b', cpu, {}, ['dataset']) == 'a and b differ in dataset (tinystories vs None): not compared'
-    # every FFN setting is one of train.py's, but for the balancing and routing settings train.py is gaining
-    # (a misspelt name would make groups that differ in that setting incomparable)
+    # every FFN setting is one of train.py's (a misspelt name would make groups that differ in that setting
+    # incomparable), the balancing and routing ones included
     from train import DEFAULTS
-    gaining = {'bias_update_rule', 'bias_update_schedule', 'bias_recenter', 'routing', 'expert_choice_scope'}
-    assert set(FFN_SETTINGS) - set(DEFAULTS) <= gaining and gaining <= set(FFN_SETTINGS)
+    assert set(FFN_SETTINGS) <= set(DEFAULTS)
+    assert {'bias_update_rule', 'bias_update_schedule', 'bias_recenter', 'routing', 'expert_choice_group'} <= set(FFN_SETTINGS)
     assert not set(FFN_SETTINGS) & set(IGNORED_SETTINGS) and 'moe_dispatch' in IGNORED_SETTINGS
     # the study's FFN configs change only FFN settings (and out_dir): every two of them are comparable, at either size
     from configurator import configure

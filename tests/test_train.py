@@ -123,7 +123,7 @@ def test_resume_settings_start_from_the_checkpoint():
     s = resume_settings(saved, model_args, ['--init_from=resume'], 'runs/x')
     assert {k: v for k, v in s.items() if k not in ('init_from', 'out_dir')} == \
         {k: v for k, v in saved.items() if k not in ('init_from', 'out_dir')}
-    assert s['out_dir'] == 'runs/x' and s['expert_hidden'] == 64 and s['max_iters'] == 700
+    assert s['out_dir'] == 'runs/x' and s['expert_hidden'] == 64 and s['max_iters'] == 1000
     # what is given now wins, config files included (which derive widths from the checkpoint's n_embd)
     s = resume_settings(saved, model_args, ['config/deepseek_moe.py', '--bias_update_speed=0.0', '--weight_decay=0',
                                             '--max_iters=900'], 'runs/x')
