@@ -37,6 +37,7 @@ import itertools
 import json
 import math
 import os
+import re
 import statistics
 import sys
 from collections import Counter
@@ -182,6 +183,16 @@ def count_label(seeds: list) -> str:
         return '1 run'
     distinct = None not in seeds and len(set(seeds)) == len(seeds)
     return f"{len(seeds)} {'seeds' if distinct else 'runs'}"
+
+
+def name_by_directory(groups: list[dict]) -> None:
+    """Name each group by its runs' directory name without the trailing -s<seed> ('aux_1e-2' for aux_1e-2-s1,
+    aux_1e-2-s2), where all its runs share one and no other group has it; the name by settings stays otherwise."""
+    stems = [{re.sub(r'-s\d+$', '', r['name']) for r in g['runs']} for g in groups]
+    for g, stem in zip(groups, stems):
+        if len(stem) == 1 and stems.count(stem) == 1:
+            g['name'] = stem.pop()
+            g['label'] = f"{g['name']} ({count_label([r['seed'] for r in g['runs']])})"
 
 
 def group_runs(runs: list[dict]) -> list[dict]:
@@ -910,6 +921,8 @@ def main() -> None:
     parser.add_argument('--layer', type=int, default=-1, help="block index of the MoE layer (default: the last)")
     parser.add_argument('--val-tokens', type=int, default=20_000, help="validation tokens for top_tokens.md")
     parser.add_argument('--device', default='auto', help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
+    parser.add_argument('--name-by-dir', action='store_true',
+                        help="name groups by their run directories without -s<seed> (aux_1e-2-s1 -> aux_1e-2)")
     args = parser.parse_args()
     if args.routing:
         try:
@@ -923,6 +936,8 @@ def main() -> None:
         sys.exit("error: no usable runs (looked in: " + (', '.join(dirs) or 'out*/') + "); train first, "
                  "e.g. python train.py config/deepseek_moe.py")
     groups = group_runs(runs)
+    if args.name_by_dir:
+        name_by_directory(groups)
     os.makedirs(args.out, exist_ok=True)
     palette = plt.get_cmap('tab10').colors
     colors = {g['name']: palette[i % len(palette)] for i, g in enumerate(groups)}   # one colour per group, everywhere

@@ -630,3 +630,15 @@ def test_expert_choice_groups_get_both_evaluations(tmp_path):
     p = compare(*dirs, tmp_path / 'tc', '--out', tmp_path / 'cmp')
     assert 'Expert choice, evaluated two ways' in p.stdout
     assert json.loads((tmp_path / 'cmp' / 'summary.json').read_text())['expert_choice'][0]['leak_mean'] == pytest.approx(0.4)
+
+
+def test_groups_named_by_their_run_directories(tmp_path):
+    from compare import name_by_directory
+    for name, coef in (('aux_1e-2-s1', 0.01), ('aux_1e-2-s2', 0.01), ('free-s1', 0.0)):
+        write_run(tmp_path / name, moe_rows('deepseek_moe', int(name[-1]), (3.2, 3.0), [0.1, 0.1], [0.1, 0.1], [0.0, 0.0],
+                                            balance_loss_coef=coef))
+    write_run(tmp_path / 'odd', moe_rows('deepseek_moe', 3, (3.2, 3.0), [0.1, 0.1], [0.1, 0.1], [0.0, 0.0],
+                                         balance_loss_coef=0.0))            # groups with free-s1: two stems, kept
+    groups = group_runs([load_run(str(tmp_path / n)) for n in ('aux_1e-2-s1', 'aux_1e-2-s2', 'free-s1', 'odd')])
+    name_by_directory(groups)
+    assert [g['label'] for g in groups] == ['aux_1e-2 (2 seeds)', 'deepseek_moe [balance_loss_coef=0.0] (2 seeds)']

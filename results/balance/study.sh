@@ -14,4 +14,4 @@ for group in default free_1e-3 free_3e-3 free_1e-2 free_3e-2 prop_ decay_ aux_1e
   runs="$runs $(ls -d results/balance/runs/$group*-s* 2>/dev/null || true)"
 done
 # shellcheck disable=SC2086
-$PYTHON compare.py $runs --out results/balance
+$PYTHON compare.py $runs --out results/balance --name-by-dir

@@ -14,4 +14,4 @@ for group in batch sequence chunk32; do
 done
 runs="$runs $(ls -d results/cpu/runs/moe-s* results/cpu/runs/deepseek_moe-s* 2>/dev/null || true)"
 # shellcheck disable=SC2086
-$PYTHON compare.py $runs --out results/expert_choice
+$PYTHON compare.py $runs --out results/expert_choice --name-by-dir
