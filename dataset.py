@@ -137,6 +137,20 @@ def byte_tokens(enc) -> list[int]:
     return [enc.encode_single_token(bytes([b])) for b in range(256)]
 
 
+def gpt2_encoding() -> 'tiktoken.Encoding':
+    """GPT-2's BPE (tiktoken). tiktoken downloads its two files once into its cache; where that fails (no
+    internet), one clear error: point TIKTOKEN_CACHE_DIR at a folder that holds them."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding('gpt2')
+    except Exception as e:                  # requests' ConnectionError, a proxy's error page, a cut-off file...
+        where = os.environ.get('TIKTOKEN_CACHE_DIR')
+        raise FileNotFoundError(
+            f"GPT-2's BPE files could not be loaded ({type(e).__name__}"
+            f"{f', TIKTOKEN_CACHE_DIR={where}' if where else ''}): connect to the internet once, or set "
+            f"TIKTOKEN_CACHE_DIR to a folder holding them (tiktoken's cache from a machine with internet)") from None
+
+
 class Vocab:
     """GPT-2's BPE, restricted to the GPT-2 ids in gpt2_ids (None: all 50,257, GPT-2's own vocabulary).
 
@@ -148,8 +162,7 @@ class Vocab:
     from_gpt2 is the one place the GPT-2 -> compact mapping exists; prepare.py remaps its files with it."""
 
     def __init__(self, gpt2_ids: list[int] | None = None):
-        import tiktoken
-        self.enc = tiktoken.get_encoding('gpt2')
+        self.enc = gpt2_encoding()
         ids = list(range(GPT2_VOCAB_SIZE)) if gpt2_ids is None else [int(t) for t in gpt2_ids]
         problem = _meta_problem({'vocab_size': len(ids), 'gpt2_ids': ids})
         missing = sorted(set(byte_tokens(self.enc) + [GPT2_EOT]) - set(ids)) if not problem else []

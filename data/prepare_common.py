@@ -73,8 +73,8 @@ def _encode(doc: str) -> np.ndarray:
     special token is encoded as plain text)."""
     global _encoder
     if _encoder is None:                             # one encoder per worker process
-        import tiktoken
-        _encoder = tiktoken.get_encoding('gpt2')
+        from dataset import gpt2_encoding
+        _encoder = gpt2_encoding()
     ids = _encoder.encode_ordinary(doc)
     ids.append(_encoder.eot_token)
     return np.array(ids, dtype=np.uint16)

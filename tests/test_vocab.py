@@ -298,3 +298,19 @@ def test_a_vocab_size_smaller_than_the_data_is_one_line(sample, tmp_path):
     p = script('train.py', 'config/dense.py', *TINY, f'--data_dir={v_dir}', f'--out_dir={tmp_path / "y"}',
                '--vocab_size=4160', '--max_iters=2', '--eval_interval=2')     # padded beyond it: fine, and said
     assert 'vocab_size 4160 (as given)' in p.stdout
+
+
+def test_bpe_files_missing_is_one_clear_error(monkeypatch):
+    """Without internet and without TIKTOKEN_CACHE_DIR, tiktoken fails deep in requests; Vocab (sample.py,
+    compare.py --routing, prepare.py) says in one line what to do instead."""
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+    monkeypatch.setattr(tiktoken, 'get_encoding', offline)
+    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', '/nowhere')
+    with pytest.raises(FileNotFoundError) as e:
+        Vocab()
+    message = str(e.value)
+    assert "GPT-2's BPE files could not be loaded (ConnectionError, TIKTOKEN_CACHE_DIR=/nowhere)" in message
+    assert 'set TIKTOKEN_CACHE_DIR' in message and '\n' not in message

@@ -16,6 +16,11 @@ for config in dense_total deepseek_moe moe_shared moe_finegrained moe dense; do
 done
 # shellcheck disable=SC2086
 $PYTHON compare.py $runs --out results/cpu
+# compare.py --routing decodes with GPT-2's BPE files: without internet, ../shared's copy (as results/study.py uses)
+SHARED=${SHARED:-../shared}
+if [ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d "$SHARED/tiktoken_cache" ]; then
+  export TIKTOKEN_CACHE_DIR="$(cd "$SHARED/tiktoken_cache" && pwd)"
+fi
 # where the tokens go: the last MoE layer of DeepSeekMoE's first seed (routing.png, top_tokens.md)
 if [ -f out-study/cpu/deepseek_moe-s1/ckpt.pt ]; then
   $PYTHON compare.py --routing out-study/cpu/deepseek_moe-s1 --out results/cpu \
