@@ -7,6 +7,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python}
+# default-sN is results/cpu's deepseek_moe-sN (the same command, test_study.py checks it): a finished one is
+# copied, not trained twice
+for run in out-study/cpu/deepseek_moe-s*; do
+  to=out-study/balance/default-s${run##*-s}
+  if [ -f "$run/metrics.jsonl" ] && [ ! -e "$to" ] && grep -q "default-s${run##*-s} " results/balance/runs.txt; then
+    mkdir -p out-study/balance && cp -r "$run" "$to"
+  fi
+done
 $PYTHON results/study.py results/balance/runs.txt --cpus "${CPUS:-0,1}"
 # groups in this order: config/deepseek_moe.py as it is, the loss-free settings, the auxiliary-loss ones, none
 runs=""
