@@ -722,7 +722,7 @@ def plot_tradeoff(rows: list[dict], path: str) -> bool:
     MoE groups with a MaxVio."""
     if sum(1 for r in rows if r['final_maxvio_global_mean'] is not None or r['final_maxvio_batch_mean'] is not None) < 2:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 7.5))
     titles = dict(MAXVIO_PANELS)
     for ax, key in zip(axes, ('maxvio_global', 'maxvio_batch')):
         kinds = set()
@@ -750,8 +750,8 @@ def plot_tradeoff(rows: list[dict], path: str) -> bool:
         ax.set(xlabel=f'final {key}, mean over layers (log; bars min-max over runs)',
                ylabel='final validation loss (bars: 95% interval of the mean)', title=titles[key])
         ax.grid(alpha=0.3, which='both')
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:            # below the panel: wide intervals fill the panel itself
+            ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.14))
     fig.suptitle('Load balance against validation loss (Wang et al. 2024): one point per MoE group, mean over its '
                  f'seeds; lower and further left is better; MaxVio 0 drawn at {MAXVIO_FLOOR:g}', fontsize=10)
     fig.tight_layout()
