@@ -665,9 +665,10 @@ def plot_maxvio(groups: list[dict], summaries: list[dict], colors: dict, path: s
     """maxvio.png: maxvio_batch (training) and maxvio_global (validation) of every MoE group, averaged over
     layers, with random routing's value (the group's summary, uniform_<key>) as a dotted line; False (nothing
     written) when no run logged either."""
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6.5))
     drawn = False
     for ax, (key, title) in zip(axes, MAXVIO_PANELS):
+        references = {}                         # random routing's MaxVio -> the groups it belongs to (one line each)
         for g, summary in zip(groups, summaries):
             curves = [[(r['iter'], max(layer_mean(r[key]), MAXVIO_FLOOR)) for r in run['evals'] if r.get(key)]
                       for run in g['runs']]
@@ -677,13 +678,15 @@ def plot_maxvio(groups: list[dict], summaries: list[dict], colors: dict, path: s
                 drawn = True
             reference = summary[f'uniform_{key}']
             if curves and reference:
-                ax.axhline(reference, color=colors[g['name']], ls=':', lw=1.2,
-                           label=f"{g['name']}: random routing ({reference:.3f})")
+                references.setdefault(round(reference, 3), []).append(g['name'])
+        for value, names in sorted(references.items()):
+            which = 'every group' if len(references) == 1 else ', '.join(names)
+            ax.axhline(value, color='black', ls=':', lw=1, label=f"random routing ({value:.3f}): {which}")
         ax.set_yscale('log')
         ax.set(xlabel='iteration', ylabel=f'{key}, mean over layers', title=title)
         ax.grid(alpha=0.3, which='both')
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:           # below the panel, off the curves
+            ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.suptitle('Expert load imbalance, MaxVio = max load / mean load - 1 (Wang et al. 2024, DeepSeek-V3; lower is '
                  'more even): mean over seeds, min-max band, single runs faint', fontsize=10)
     fig.tight_layout()
