@@ -718,6 +718,40 @@ def log_tick(value: float, _pos=None) -> str:
     return f'{value:g}' if round(mantissa) in (1, 2, 5) else ''
 
 
+def spread_labels(anchors: list[tuple[float, float]], widths: list[float], height: float) -> list[float]:
+    """The heights at which to write point labels so that none overlaps another: label i starts at anchors[i]
+    (x, y), is widths[i] wide and height high (any units, the same for every label). Labels are placed from the
+    lowest anchor up; one that would overlap a label already placed is moved up to just above it."""
+    placed: list[tuple[float, float, float]] = []          # (x0, x1, y) of the labels placed so far
+    ys = [0.0] * len(anchors)
+    for i in sorted(range(len(anchors)), key=lambda i: anchors[i][1]):
+        x0, y = anchors[i]
+        x1 = x0 + widths[i]
+        while True:
+            below = [py for px0, px1, py in placed if px0 < x1 and x0 < px1 and abs(py - y) < height - 1e-12]
+            if not below:
+                break
+            y = max(below) + height
+        placed.append((x0, x1, y))
+        ys[i] = y
+    return ys
+
+
+def label_points(ax, points: list[tuple[float, float, str]], fontsize: float = 7) -> None:
+    """Writes each (x, y, name) up and to the right of its point, moved up (spread_labels) where labels would
+    overlap, with a thin line back to the point when moved. Call it once the axes' limits and size are final."""
+    box = ax.get_window_extent()
+    char_w = 0.6 * fontsize * ax.figure.dpi / 72 / box.width           # one character, in axes fractions
+    line_h = 1.3 * fontsize * ax.figure.dpi / 72 / box.height
+    to_axes = ax.transData + ax.transAxes.inverted()
+    starts = [tuple(to_axes.transform((x, y)) + 0.008) for x, y, _ in points]
+    ys = spread_labels(starts, [char_w * len(name) for _, _, name in points], line_h)
+    for (x, y, name), (lx, ly0), ly in zip(points, starts, ys):
+        moved = ly > ly0 + 1e-9
+        ax.annotate(name, (x, y), xytext=(lx, ly), textcoords='axes fraction', fontsize=fontsize, va='bottom',
+                    arrowprops=dict(arrowstyle='-', lw=0.5, color='0.5', shrinkA=0, shrinkB=3) if moved else None)
+
+
 def plot_tradeoff(rows: list[dict], path: str) -> bool:
     """tradeoff.png: the balance trade-off of Wang et al. 2024 (Fig. 1, Table 2): final val loss against final
     maxvio_global (left) and maxvio_batch (right), one point per MoE group (tradeoff_point), marked by its
@@ -726,9 +760,9 @@ def plot_tradeoff(rows: list[dict], path: str) -> bool:
     if sum(1 for r in rows if r['final_maxvio_global_mean'] is not None or r['final_maxvio_batch_mean'] is not None) < 2:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(14, 7.5))
-    titles = dict(MAXVIO_PANELS)
+    titles, panels = dict(MAXVIO_PANELS), []
     for ax, key in zip(axes, ('maxvio_global', 'maxvio_batch')):
-        kinds = set()
+        kinds, labels = set(), []
         for r in rows:
             point = tradeoff_point(r, key)
             if point is None:
@@ -738,13 +772,14 @@ def plot_tradeoff(rows: list[dict], path: str) -> bool:
             ax.errorbar(x, y, xerr=[[left], [right]], yerr=None if half is None else [[half], [half]], fmt=marker,
                         color=color, capsize=3, markersize=7, label=None if r['kind'] in kinds else r['kind'])
             kinds.add(r['kind'])
-            ax.annotate(r['name'], (x, y), textcoords='offset points', xytext=(5, 5), fontsize=7)
+            labels.append((x, y, r['name']))
         references = {}                         # random routing's MaxVio -> the groups it belongs to
         for r in rows:
             if r[f'uniform_{key}'] is not None and r[f'final_{key}_mean'] is not None:
                 references.setdefault(r[f'uniform_{key}'], []).append(r['name'])
         for value, names in sorted(references.items()):
-            ax.axvline(value, color='black', ls=':', lw=1, label=f"random routing ({value:.3f}): {', '.join(names)}")
+            which = 'every group' if len(references) == 1 else ', '.join(names)
+            ax.axvline(value, color='black', ls=':', lw=1, label=f"random routing ({value:.3f}): {which}")
             ax.text(value, 0.98, f' random {value:.3f}', transform=ax.get_xaxis_transform(), rotation=90, va='top',
                     fontsize=6)
         ax.set_xscale('log')
@@ -755,9 +790,12 @@ def plot_tradeoff(rows: list[dict], path: str) -> bool:
         ax.grid(alpha=0.3, which='both')
         if ax.get_legend_handles_labels()[0]:            # below the panel: wide intervals fill the panel itself
             ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.14))
+        panels.append((ax, labels))
     fig.suptitle('Load balance against validation loss (Wang et al. 2024): one point per MoE group, mean over its '
                  f'seeds; lower and further left is better; MaxVio 0 drawn at {MAXVIO_FLOOR:g}', fontsize=10)
     fig.tight_layout()
+    for ax, labels in panels:                            # once the layout has fixed every panel's size
+        label_points(ax, labels)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True

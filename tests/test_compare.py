@@ -16,7 +16,7 @@ from compare import (FFN_SETTINGS, IGNORED_SETTINGS, MAXVIO_FLOOR, T_975, balanc
                      differing_settings, group_runs, incomparable_settings, layer_mean, load_run, load_shares,
                      maxvio_spread, mean_interval, merge_per_iter, not_compared_text, pair_line, pair_stats,
                      pairs_table, read_metrics, run_numbers, seed_means, selection_counts, share_spread,
-                     sign_agreement, split_looks, t_975, tradeoff_point, tradeoff_row, tradeoff_table, uniform_maxvio,
+                     sign_agreement, split_looks, spread_labels, t_975, tradeoff_point, tradeoff_row, tradeoff_table, uniform_maxvio,
                      welch_difference)
 
 
@@ -146,6 +146,19 @@ def test_balancing_kind():
     assert balancing_kind({'seq_aux_coef': 0.0001}) == 'auxiliary loss'
     assert balancing_kind({'z_loss_coef': 0.001}) == 'none'          # the router z-loss does not balance
     assert balancing_kind({}) == 'none' and balancing_kind({'bias_update_speed': None}) == 'none'   # older runs
+
+
+def test_spread_labels_moves_overlapping_labels_up_by_hand():
+    # two labels of width 2 and height 1 at the same place: the second (the higher anchor, placed second) goes on top
+    assert spread_labels([(0.0, 0.0), (0.5, 0.2)], [2.0, 2.0], 1.0) == [0.0, 1.0]
+    # apart in x: neither moves, whatever their heights
+    assert spread_labels([(0.0, 0.0), (3.0, 0.2)], [2.0, 2.0], 1.0) == [0.0, 0.2]
+    # apart in y by a full height: neither moves
+    assert spread_labels([(0.0, 0.0), (0.0, 1.0)], [1.0, 1.0], 1.0) == [0.0, 1.0]
+    # three in a stack, given out of order: placed from the lowest anchor, each one height above the last
+    assert spread_labels([(0.0, 0.3), (0.0, 0.0), (0.1, 0.1)], [1.0, 1.0, 1.0], 0.5) == [1.0, 0.0, 0.5]
+    # the last label clears the two it meets at its anchor (0 and 0.5), lands on the third (1.0) and clears it too
+    assert spread_labels([(0.0, 0.0), (0.0, 0.1), (0.0, 0.2), (0.5, 0.25)], [1.0] * 4, 0.5) == [0.0, 0.5, 1.0, 1.5]
 
 
 def test_tradeoff_numbers_by_hand():
