@@ -980,8 +980,9 @@ def main() -> None:
     if args.name_by_dir:
         name_by_directory(groups)
     os.makedirs(args.out, exist_ok=True)
-    palette = plt.get_cmap('tab10').colors
-    colors = {g['name']: palette[i % len(palette)] for i, g in enumerate(groups)}   # one colour per group, everywhere
+    # one colour per group, everywhere: tab10 for up to 10 groups, else tab20's 20 (dark and light of each hue)
+    palette = plt.get_cmap('tab10' if len(groups) <= 10 else 'tab20').colors
+    colors = {g['name']: palette[i % len(palette)] for i, g in enumerate(groups)}
     plot_val_loss(groups, colors, os.path.join(args.out, 'val_loss.png'))
     written = ['val_loss.png']
     summaries = [group_summary(g) for g in groups]
