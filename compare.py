@@ -661,6 +661,16 @@ MAXVIO_PANELS = (('maxvio_batch', "maxvio_batch: MaxVio of each training step's 
                  ('maxvio_global', 'maxvio_global: MaxVio of the expert load over\nall validation batches of an eval'))
 
 
+def random_routing_lines(floors: list[tuple[float, str]]) -> list[tuple[float, str]]:
+    """One dotted reference line per distinct random-routing MaxVio among (value, group name) pairs: (value,
+    legend label), the label naming the groups it belongs to, or 'every group' when all share one value."""
+    references: dict[float, list[str]] = {}
+    for value, name in floors:
+        references.setdefault(round(value, 3), []).append(name)
+    return [(value, f"random routing ({value:.3f}): {'every group' if len(references) == 1 else ', '.join(names)}")
+            for value, names in sorted(references.items())]
+
+
 def plot_maxvio(groups: list[dict], summaries: list[dict], colors: dict, path: str) -> bool:
     """maxvio.png: maxvio_batch (training) and maxvio_global (validation) of every MoE group, averaged over
     layers, with random routing's value (the group's summary, uniform_<key>) as a dotted line; False (nothing
@@ -668,7 +678,7 @@ def plot_maxvio(groups: list[dict], summaries: list[dict], colors: dict, path: s
     fig, axes = plt.subplots(1, 2, figsize=(14, 6.5))
     drawn = False
     for ax, (key, title) in zip(axes, MAXVIO_PANELS):
-        references = {}                         # random routing's MaxVio -> the groups it belongs to (one line each)
+        floors = []                             # (random routing's MaxVio, group) of every group drawn
         for g, summary in zip(groups, summaries):
             curves = [[(r['iter'], max(layer_mean(r[key]), MAXVIO_FLOOR)) for r in run['evals'] if r.get(key)]
                       for run in g['runs']]
@@ -678,10 +688,9 @@ def plot_maxvio(groups: list[dict], summaries: list[dict], colors: dict, path: s
                 drawn = True
             reference = summary[f'uniform_{key}']
             if curves and reference:
-                references.setdefault(round(reference, 3), []).append(g['name'])
-        for value, names in sorted(references.items()):
-            which = 'every group' if len(references) == 1 else ', '.join(names)
-            ax.axhline(value, color='black', ls=':', lw=1, label=f"random routing ({value:.3f}): {which}")
+                floors.append((reference, g['name']))
+        for value, label in random_routing_lines(floors):
+            ax.axhline(value, color='black', ls=':', lw=1, label=label)
         ax.set_yscale('log')
         ax.set(xlabel='iteration', ylabel=f'{key}, mean over layers', title=title)
         ax.grid(alpha=0.3, which='both')
@@ -773,13 +782,10 @@ def plot_tradeoff(rows: list[dict], path: str) -> bool:
                         color=color, capsize=3, markersize=7, label=None if r['kind'] in kinds else r['kind'])
             kinds.add(r['kind'])
             labels.append((x, y, r['name']))
-        references = {}                         # random routing's MaxVio -> the groups it belongs to
-        for r in rows:
-            if r[f'uniform_{key}'] is not None and r[f'final_{key}_mean'] is not None:
-                references.setdefault(r[f'uniform_{key}'], []).append(r['name'])
-        for value, names in sorted(references.items()):
-            which = 'every group' if len(references) == 1 else ', '.join(names)
-            ax.axvline(value, color='black', ls=':', lw=1, label=f"random routing ({value:.3f}): {which}")
+        floors = [(r[f'uniform_{key}'], r['name']) for r in rows
+                  if r[f'uniform_{key}'] is not None and r[f'final_{key}_mean'] is not None]
+        for value, label in random_routing_lines(floors):
+            ax.axvline(value, color='black', ls=':', lw=1, label=label)
             ax.text(value, 0.98, f' random {value:.3f}', transform=ax.get_xaxis_transform(), rotation=90, va='top',
                     fontsize=6)
         ax.set_xscale('log')

@@ -16,8 +16,8 @@ from compare import (FFN_SETTINGS, IGNORED_SETTINGS, MAXVIO_FLOOR, T_975, balanc
                      differing_settings, group_runs, incomparable_settings, layer_mean, load_run, load_shares,
                      maxvio_spread, mean_interval, merge_per_iter, not_compared_text, pair_line, pair_stats,
                      pairs_table, read_metrics, run_numbers, seed_means, selection_counts, share_spread,
-                     sign_agreement, split_looks, spread_labels, t_975, tradeoff_point, tradeoff_row, tradeoff_table, uniform_maxvio,
-                     welch_difference)
+                     sign_agreement, split_looks, spread_labels, t_975, tradeoff_point, tradeoff_row, tradeoff_table,
+                     uniform_maxvio, welch_difference)
 
 
 def compare(*args, check=True) -> subprocess.CompletedProcess:
