@@ -203,24 +203,33 @@ class MoE(nn.Module):
         logits (N, E)."""
         scores, logits = self.router_scores(x)
         # top-k of the biased scores: b_i changes WHICH experts are chosen (V3 eq. 16), never the gates
-        idx = (scores + self.expert_bias).topk(self.top_k, dim=-1).indices        # (N, k)
+        idx = self.selection_scores(scores).topk(self.top_k, dim=-1).indices     # (N, k)
+        return self.gate_values(scores, logits, idx), idx, scores, logits
+
+    def selection_scores(self, scores: Tensor) -> Tensor:
+        """What top-k ranks the experts by: s_{i,t} + b_i (V3 eq. 16; b = 0 unless bias balancing is on). (N, E)."""
+        return scores + self.expert_bias
+
+    def gate_values(self, scores: Tensor, logits: Tensor, idx: Tensor) -> Tensor:
+        """The gates of the chosen experts idx (N, k), by this layer's rule. scores, logits (N, E) -> gates (N, k).
+        The rule is the layer's (its training top_k decides it), whatever k idx has: analyze_experts.py evaluates
+        trained layers with other experts chosen (some masked, fewer or more of them) under the same rule."""
         if self.expert_choice:
             # an expert-choice layer evaluated causally: each token by itself takes its top-k experts by the same
             # scores, gated by them as in training (g_{i,t} = S_{t,i}, no renormalisation)
-            gates = scores.gather(1, idx)
-        elif self.deepseek:
+            return scores.gather(1, idx)
+        if self.deepseek:
             gates = scores.gather(1, idx)                     # g_{i,t} = s_{i,t} for i in TopK
             if self.score_func == 'sigmoid':
                 gates = gates / gates.sum(-1, keepdim=True)   # V3 eq. 13: normalise over the chosen
-        elif self.top_k == 1:
+            return gates
+        if self.top_k == 1:
             # Switch Transformer (eq. 2): the one expert's gate is its probability under the full softmax, so
             # the language-model loss reaches the router through it (a softmax over one kept logit is always 1)
-            gates = scores.gather(1, idx)                     # g_t = p_{i,t}, i = argmax
-        else:
-            # standard top-k MoE (GShard, Mixtral): softmax over the kept logits, i.e. softmax(u_t masked to -inf
-            # off the top-k); the masked entries would contribute exp(-inf) = 0, so softmax of the gathered k is it
-            gates = F.softmax(logits.gather(1, idx), dim=-1)
-        return gates, idx, scores, logits
+            return scores.gather(1, idx)                      # g_t = p_{i,t}, i = argmax
+        # standard top-k MoE (GShard, Mixtral): softmax over the kept logits, i.e. softmax(u_t masked to -inf
+        # off the top-k); the masked entries would contribute exp(-inf) = 0, so softmax of the gathered k is it
+        return F.softmax(logits.gather(1, idx), dim=-1)
 
     def route_expert_choice(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Expert choice (Zhou et al. 2022): every expert takes the C token-slots of highest score in each group of
