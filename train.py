@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from configurator import check_value, config_files, configure
-from dataset import open_data, read_meta, resolve_data_dir, windows
+from dataset import check_ids_fit, open_data, read_meta, resolve_data_dir, windows
 from model import GPT, GPTConfig, model_from_checkpoint, read_checkpoint
 from runtime import gpu_peak_flops, resolve_runtime
 from moe import max_vio
@@ -289,6 +289,8 @@ if __name__ == '__main__':
         data = open_data(data_path, config['dataset'], config['block_size'])
         meta_path = os.path.join(data_path, 'meta.pkl')
         meta = read_meta(meta_path) if os.path.isfile(meta_path) else None
+        if meta:
+            check_ids_fit(data, meta, data_path, config['dataset'])
         gpt2_ids = meta['gpt2_ids'] if meta else None      # recorded in the checkpoint, for sample.py and compare.py
         if checkpoint is not None and checkpoint.get('data', {}).get('gpt2_ids') != gpt2_ids:
             was = checkpoint.get('data', {}).get('gpt2_ids')

@@ -717,3 +717,30 @@ def test_gpt2_data_needs_gpt2_s_vocabulary_without_a_scan(tmp_path):
         json.dump({'tokenizer': 'tiktoken gpt2', 'vocab_size': 50257}, f)
     p = run(['train.py', 'config/dense.py', *TINY, f'--data_dir={d}', f'--out_dir={tmp_path / "x"}'], check=False)
     assert p.returncode != 0 and 'vocab_size=128 is smaller than the data needs: it holds token ids up to 50256' in p.stderr
+
+
+def run_in_process(argv: list[str], monkeypatch) -> None:
+    """python train.py ARGV inside this process (no second torch import): a user error is a SystemExit."""
+    import runpy
+    monkeypatch.setattr(sys, 'argv', ['train.py', *argv])
+    monkeypatch.chdir(REPO)
+    runpy.run_path(os.path.join(REPO, 'train.py'), run_name='__main__')
+
+
+def test_a_stale_gpt2_bin_beside_a_compact_meta_pkl_is_one_line(tmp_path, monkeypatch):
+    """GPT-2 ids (up to 50,256) beside a compact meta.pkl of 300 ids, as a kill between prepare.py --vocab's renames
+    leaves them: train.py took vocab_size 300 from meta.pkl and crashed in the embedding (IndexError; a device-side
+    assert on a GPU). It must check the ids first and say how to rewrite the folder."""
+    import pickle
+    d = random_token_data(tmp_path / 'data', 50257, 3000)
+    with open(os.path.join(d, 'meta.pkl'), 'wb') as f:
+        pickle.dump({'vocab_size': 300, 'gpt2_ids': list(range(256)) + list(range(1000, 1043)) + [50256]}, f)
+    args = ['config/dense.py', *[a for a in TINY if not a.startswith('--vocab_size')], f'--data_dir={d}',
+            f'--out_dir={tmp_path / "out"}', '--max_iters=2']
+    with pytest.raises(SystemExit) as e:
+        run_in_process(args, monkeypatch)
+    message = str(e.value)
+    assert message.startswith(f"error: {d}/train.bin holds token id 5") and '\n' not in message, message
+    assert "describes 300 ids (0..299)" in message
+    assert message.endswith(f"write the folder again with python data/<name>/prepare.py --vocab 300 --out-dir {d}")
+    assert not os.path.exists(tmp_path / 'out' / 'ckpt.pt')
