@@ -744,3 +744,28 @@ def test_a_stale_gpt2_bin_beside_a_compact_meta_pkl_is_one_line(tmp_path, monkey
     assert "describes 300 ids (0..299)" in message
     assert message.endswith(f"write the folder again with python data/<name>/prepare.py --vocab 300 --out-dir {d}")
     assert not os.path.exists(tmp_path / 'out' / 'ckpt.pt')
+
+
+def test_the_balancing_bias_follows_bias_update_schedule(data_dir, tmp_path, monkeypatch):
+    """config/deepseek_moe.py sets bias_update_schedule='lr': after the warmup each step's gamma is scaled by the LR's
+    decay. With an eval after every step, each eval row holds one step's expert counts, so the biases at the end must
+    be the sum over steps of gamma * scale_t * sign(mean_t - load_t), computed here from those counts; under
+    'constant' (what train.py did when it ignored the schedule) the sum differs."""
+    from train import bias_update_scale
+    out = tmp_path / 'out'
+    run_in_process(['config/deepseek_moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=5',
+                    '--warmup_iters=2', '--lr_decay_iters=5', '--eval_interval=1', '--eval_iters=1'], monkeypatch)
+    steps = [(r['iter'] - 1, np.array(r['expert_counts'], dtype=np.float64)) for r in evals(out) if 'expert_counts' in r]
+    assert [it for it, _ in steps] == list(range(5))
+
+    def biases(schedule: str) -> np.ndarray:
+        total = 0.0
+        for it, counts in steps:
+            lr = get_lr(it, 3e-3, 2, 5, 3e-4)
+            scale = bias_update_scale(schedule, it, lr, 3e-3, 2)
+            total = total + 0.01 * scale * np.sign(counts.mean(-1, keepdims=True) - counts)   # (layers, E)
+        return total
+    model, _ = load_checkpoint(str(out / 'ckpt.pt'))
+    final = np.stack([m.expert_bias.double().numpy() for m in model.moe_layers()])
+    np.testing.assert_allclose(final, biases('lr'), atol=1e-6, rtol=0)
+    assert np.abs(final - biases('constant')).max() > 1e-3
