@@ -68,6 +68,7 @@ class Runtime:
     compile: bool
     moe_dispatch: str        # 'grouped' (F.grouped_mm) | 'loop' (loop over experts)
     grad_scaler: bool        # float16: scale the loss so that small gradients do not underflow
+    tf32: bool               # CUDA float32 matmuls in TF32 (a float32 run only; see choose_runtime)
     where: str               # what the device is: 'NVIDIA T4, sm75', 'Apple GPU', 'no CUDA GPU, no MPS'
     dtype_why: str
     dispatch_why: str
@@ -143,8 +144,13 @@ def choose_runtime(machine: Machine, device: str = 'auto', dtype: str = 'auto', 
                          f"use --dtype=float16 (with loss scaling) or float32")
     if device_type == 'mps' and dtype == 'float64':
         raise ValueError("dtype float64 requested, but MPS has no float64; use float32")
+    # TF32 (float32's range, a 10-bit mantissa) speeds up float32 matmuls from sm80, so a float32 run on CUDA takes
+    # it, the router's matmul included. Under bfloat16/float16 autocast every other matmul is half precision already
+    # and the only float32 one is the router's (moe.MoE.router_scores, float32 on purpose), so TF32 stays off there.
+    tf32 = device_type == 'cuda' and dtype == 'float32'
     dtype_why = dtype + (' + GradScaler' if dtype == 'float16' else '') + (
-        ' (no native bfloat16 below sm80)' if cap and dtype == 'float16' and not native_bf16 else '')
+        ' (no native bfloat16 below sm80)' if cap and dtype == 'float16' and not native_bf16 else '') + (
+        ' (TF32 matmuls)' if tf32 else '')
 
     # compile
     if compile not in ('auto', True, False):
@@ -191,8 +197,8 @@ def choose_runtime(machine: Machine, device: str = 'auto', dtype: str = 'auto', 
     else:
         dispatch_why = f"MoE dispatch {moe_dispatch}"
     return Runtime(device=device, device_type=device_type, dtype=dtype, compile=compile, moe_dispatch=moe_dispatch,
-                   grad_scaler=dtype == 'float16', where=where, dtype_why=dtype_why, dispatch_why=dispatch_why,
-                   compile_why=compile_why)
+                   grad_scaler=dtype == 'float16', tf32=tf32, where=where, dtype_why=dtype_why,
+                   dispatch_why=dispatch_why, compile_why=compile_why)
 
 
 def resolve_runtime(device: str = 'auto', dtype: str = 'auto', compile: bool | str = 'auto',

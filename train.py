@@ -6,8 +6,9 @@ One GPU or the CPU:
     python train.py config/moe.py --max_iters=100 --compile=False
 Several GPUs (DDP), e.g. 8 on one node:
     torchrun --standalone --nproc_per_node=8 train.py config/deepseek_moe.py
-Continue an interrupted run from its checkpoint, replaying exactly what the uninterrupted run would have done
-(its settings come from the checkpoint; what is given now overrides them):
+Continue an interrupted run from its checkpoint with the batches and dropout masks the uninterrupted run would have
+drawn (bit for bit on the CPU; on CUDA atomics reorder sums, see README's "Resuming"; its settings come from the
+checkpoint, what is given now overrides them):
     python train.py --init_from=resume --out_dir=out-deepseek_moe
 
 The defaults below are the TinyStories comparison: config/*.py change only the FFN, so dense, moe
@@ -330,9 +331,8 @@ if __name__ == '__main__':
     master = rank == 0
     tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
     torch.manual_seed(seed)              # the initial weights (DDP then copies rank 0's to every rank)
-    if device_type == 'cuda':
+    if runtime.tf32:                     # a float32 run on CUDA only: never the router of a bf16/fp16 run
         torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     # -------------------------------------------------------------------------
     # data, model, optimizer, checkpoint

@@ -95,6 +95,15 @@ def test_grouped_mm_needs_16_byte_row_strides():
         choose_runtime(H100, moe_dispatch='grouped', expert_widths=(64, 36))
 
 
+def test_tf32_only_in_a_float32_cuda_run():
+    """Under bf16/fp16 autocast the router's float32 matmul is the only float32 one, and TF32 would cut its mantissa
+    to 10 bits: train.py turned TF32 on for every CUDA run. Now only where the run itself is float32."""
+    assert not choose_runtime(H100).tf32 and not choose_runtime(A100).tf32 and not choose_runtime(T4).tf32
+    assert choose_runtime(H100, dtype='float32').tf32
+    assert 'float32 (TF32 matmuls)' in choose_runtime(A100, dtype='float32').summary()
+    assert not choose_runtime(CPU).tf32 and not choose_runtime(MAC).tf32 and not choose_runtime(H100, device='cpu').tf32
+
+
 def test_where_says_what_the_device_is():
     assert choose_runtime(H100, device='cpu').summary().startswith('device cpu (as requested): float32')
     assert choose_runtime(CPU).where == 'no CUDA GPU, no MPS'

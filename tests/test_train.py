@@ -306,8 +306,9 @@ def test_resume_is_exact(config, data_dir, tmp_path):
         assert rb['train_loss'] == pytest.approx(ra['train_loss'], abs=1e-4)
     ma, _ = load_checkpoint(str(tmp_path / 'a' / 'ckpt.pt'))
     mb, _ = load_checkpoint(str(tmp_path / 'b' / 'ckpt.pt'))
-    for la, lb in zip(ma.moe_layers(), mb.moe_layers()):         # the balancing biases resumed too
-        torch.testing.assert_close(la.expert_bias, lb.expert_bias, atol=1e-6, rtol=0)
+    # on the CPU (one process, the same thread count) bit for bit: every weight and balancing bias equal
+    for name, value in ma.state_dict().items():
+        assert torch.equal(value, mb.state_dict()[name]), name
     if config == 'deepseek_moe':
         assert ma.moe_layers()[0].expert_bias.abs().sum() > 0
 
