@@ -109,7 +109,8 @@ def sequence_balance_loss(scores: Tensor, idx: Tensor, n_experts: int, batch_siz
 
 def grouped_mm_runs(device_type: str, dtype: torch.dtype, compiling: bool, widths: tuple[int, ...] = ()) -> bool:
     """Whether F.grouped_mm takes this device, dtype and these matrix widths (torch 2.10-2.13). CUDA: bfloat16
-    only (and compute capability >= 8.0, which runtime.choose_runtime checks before training). CPU: float32,
+    only (and compute capability >= 8.0, which runtime.choose_runtime checks before training; torch 2.13's source
+    also takes float32 and float16 there in eager mode, earlier releases refused them). CPU: float32,
     bfloat16 and float16 in eager mode, but only bfloat16 when compiled (its meta function demands bf16).
     Never float64, and no other device. Every row stride must be a multiple of 16 bytes: n_embd and
     expert_hidden times the element size (widths). Where it does not run, the MoE layer uses the loop."""
@@ -287,9 +288,14 @@ class MoE(nn.Module):
         """All experts in three grouped matmuls, each row weighted by its gate: g * expert_e(x) for rows xs (M, C)
         sorted by expert, gate (M,), counts (E,) rows per expert."""
         offs = counts.cumsum(0).to(torch.int32)       # end row of each expert's group
+        # An expert that got no rows must get a zero weight gradient. On B200 (sm100) grouped_mm's kernel gave such
+        # an empty group a nonzero one (pytorch#172439, open; not checked against torch 2.13 on a B200 here). The
+        # where passes every busy expert's weights and gradient through unchanged and zeroes an idle one's
+        # gradient whatever the kernel wrote (NaN included); one elementwise pass over the weights, on the device.
+        busy = (counts > 0)[:, None, None]
 
         def gmm(a: Tensor, w: Tensor) -> Tensor:      # rows of group e times w[e]^T
-            return F.grouped_mm(a, w.to(a.dtype).transpose(-2, -1), offs=offs)
+            return F.grouped_mm(a, torch.where(busy, w.to(a.dtype), 0).transpose(-2, -1), offs=offs)
 
         # With capacity, rows past offs[-1] are the dropped slots, and grouped_mm never writes them: not in
         # its output, not in the gradient of its input. Masking xs (so its gradient is masked) and the final
