@@ -4,6 +4,7 @@ Benchmark: what does an MoE step cost over a dense model with the same ACTIVE FF
     python bench.py                          # CPU: n_layer 2, n_embd 256, 8 x 256 tokens
     python bench.py --device cuda            # bf16 autocast + torch.compile, sizes 6x384 and 12x768
     python bench.py --sizes 2x256 4x512 --batch_size 8 --block_size 256 --rounds 15
+    python bench.py --device cuda --sizes 6x384 --models dense E=8 E=64 E=256   # only the expert-count slope
 
 On a Linux CPU, set MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 first: otherwise glibc
 returns the ~400 MB of logits to the system every step, and page faults take half the step (bench/RESULTS.md).
@@ -44,6 +45,7 @@ from runtime import gpu_peak_flops, resolve_runtime
 
 # The scaling family: (routed experts, top_k). Expert width 4 * n_embd / top_k keeps the active width fixed.
 SCALING = [(8, 2), (64, 8), (256, 16)]
+MODELS = ['dense', 'moe', 'deepseek_moe'] + [f'E={e}' for e, _ in SCALING]     # every row bench.py can time
 
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -70,9 +72,10 @@ def ffn_step(ffn, x: torch.Tensor, gy: torch.Tensor, autocast=None):
 
 
 def model_configs(n_layer: int, n_embd: int, vocab_size: int, block_size: int, scaling: bool) -> dict[str, GPTConfig]:
-    """The benchmarked models, built from the config files through the configurator as train.py builds them, at
-    this size (heads of 64); all have the active FFN width 4 * n_embd. The scaling rows are config/deepseek_moe.py
-    with more, narrower routed experts: top_k * expert_hidden = 4 * n_embd, no shared experts."""
+    """The benchmarked models (MODELS), built from the config files through the configurator as train.py builds
+    them, at this size (heads of 64); all have the active FFN width 4 * n_embd. The scaling rows are
+    config/deepseek_moe.py with more, narrower routed experts: top_k * expert_hidden = 4 * n_embd, no shared
+    experts."""
     size = [f'--n_layer={n_layer}', f'--n_embd={n_embd}', f'--n_head={max(1, n_embd // 64)}',
             f'--vocab_size={vocab_size}', f'--block_size={block_size}']
 
@@ -147,12 +150,15 @@ def train_step_fn(cfg: GPTConfig, args, device: str):
     model = GPT(cfg).to(device)
     opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device)
     step_model = compiled(model) if args.compile else model
+    # inputs and targets apart, as train.py's batches: then its compiled graph is this one, and inductor's cache
+    # filled here serves train.py's compile of the same model (bench/gpu_check.sh runs bench.py first)
     x = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.block_size), device=device)
+    y = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.block_size), device=device)   # not a view of x
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == 'bfloat16')
 
     def step():
         with autocast:
-            _, loss, aux = step_model(x, x, return_aux=True)
+            _, loss, aux = step_model(x, y, return_aux=True)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -236,7 +242,8 @@ def with_runtime_dispatch(cfg: GPTConfig, args, device: str) -> GPTConfig:
 
 def bench_size(n_layer: int, n_embd: int, args, device: str) -> None:
     configs = {name: with_runtime_dispatch(cfg, args, device)
-               for name, cfg in model_configs(n_layer, n_embd, args.vocab_size, args.block_size, not args.no_scaling).items()}
+               for name, cfg in model_configs(n_layer, n_embd, args.vocab_size, args.block_size, True).items()
+               if name in args.models}
     tokens = args.batch_size * args.block_size
     peak = gpu_peak_flops(device) if device == 'cuda' else None
     print(f"\n## n_layer={n_layer} n_embd={n_embd}, {args.batch_size}x{args.block_size} tokens, "
@@ -244,9 +251,17 @@ def bench_size(n_layer: int, n_embd: int, args, device: str) -> None:
 
     # 1. full training steps
     steps, models = {}, {}
+    now = timer(device)
+    first_s = {}
     for name, cfg in configs.items():
         models[name], steps[name] = train_step_fn(cfg, args, device)
-    times = interleaved_times(steps, args.warmup, args.rounds, device)
+        t0 = now()
+        steps[name]()                                   # the first step: compiles (forward and backward), warms up
+        first_s[name] = now() - t0
+    times = interleaved_times(steps, max(0, args.warmup - 1), args.rounds, device)
+    print("\nfirst step (" + ("compile included; a later model reuses the kernels of earlier ones" if args.compile
+                             else "no compile") + "), s: "
+          + ", ".join(f"{name} {t:.1f}" for name, t in first_s.items()))
     print("\n| model | routed experts | shared | top-k | total params | active params | ms/step | tokens/s | MFU | step / dense |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     step_ratio = {}
@@ -292,7 +307,8 @@ def bench_size(n_layer: int, n_embd: int, args, device: str) -> None:
               f"experts^{scaling_slope([(e, step_ratio[n]) for e, n in family]):.2f}")
     if device == 'cuda':
         for name in ('moe', 'deepseek_moe'):
-            print(f"host synchronisations in the {name} forward: {check_no_host_sync(configs[name], args)}")
+            if name in configs:
+                print(f"host synchronisations in the {name} forward: {check_no_host_sync(configs[name], args)}")
 
 
 def device_name(device: str) -> str:
@@ -316,7 +332,9 @@ def main() -> None:
     parser.add_argument('--compile', type=lambda s: s.lower() in ('1', 'true', 'yes'), default=None,
                         help="torch.compile the models; default True on CUDA, False on CPU")
     parser.add_argument('--threads', type=int, default=0, help="CPU threads (0 = torch's default)")
-    parser.add_argument('--no_scaling', action='store_true', help="skip the E=64 and E=256 rows")
+    parser.add_argument('--no_scaling', action='store_true', help="skip the E=8, E=64 and E=256 rows")
+    parser.add_argument('--models', nargs='+', choices=MODELS, default=None,
+                        help="time only these rows (dense always: the others are measured against it)")
     args = parser.parse_args()
     cuda = args.device == 'cuda'
     if cuda and not torch.cuda.is_available():
@@ -327,11 +345,15 @@ def main() -> None:
     args.rounds = args.rounds or (30 if cuda else 10)
     args.dtype = args.dtype or ('bfloat16' if cuda else 'float32')
     args.compile = cuda if args.compile is None else args.compile
+    args.models = ['dense'] + [m for m in (args.models or MODELS) if m != 'dense'
+                               and not (args.no_scaling and m.startswith('E='))]
     if args.threads:
         torch.set_num_threads(args.threads)
-    if cuda:
+    # TF32 as train.py decides it (runtime.Runtime.tf32: a float32 run on CUDA only, never the router of a bf16 run):
+    # the timed steps are then train.py's, and so are the compiled graphs, whose key in inductor's cache holds this
+    # setting (bench/gpu_check.sh counts on train.py finding bench.py's graphs there)
+    if resolve_runtime(args.device, args.dtype, args.compile).tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     print(f"torch {torch.__version__}, {device_name(args.device)}")
     sizes = []
     for size in args.sizes:               # all checked before the first (long) one runs
