@@ -1,6 +1,10 @@
-"""CUDA only: the path train.py takes on a GPU, which no CPU test runs: bf16 autocast into F.grouped_mm, no host
-sync in the MoE layer, one inductor graph per run, fused AdamW, MFU. Skipped without CUDA, so CI on the CPU is
-unchanged. On a GPU the file takes about a minute, most of it compiling; bench/gpu_check.sh runs it first."""
+"""The path train.py takes on a GPU, which no other test runs: bf16 autocast into F.grouped_mm, no host sync in the
+MoE layer, one inductor graph per run, fused AdamW, MFU. Skipped without CUDA, so CI on the CPU is unchanged. On a
+GPU the file takes about a minute, most of it compiling; bench/gpu_check.sh runs it first.
+
+TEST_CUDA_DEVICE=cpu rehearses the same tests on the CPU (bench/gpu_check.sh's dry run): bf16 autocast, grouped_mm
+and inductor there too, with the checks only CUDA can make (host syncs, fused AdamW, MFU) skipped. It catches a
+broken test or path before GPU time is spent on it; it says nothing about the CUDA kernels themselves."""
 
 import copy
 import json
@@ -16,17 +20,33 @@ from conftest import REPO, random_token_data, subprocess_env
 from test_model import KINDS, tiny
 from test_moe import make_layer, naive_moe
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+DEVICE = os.environ.get('TEST_CUDA_DEVICE', 'cuda')
+if DEVICE not in ('cuda', 'cpu'):
+    raise ValueError(f"TEST_CUDA_DEVICE must be cuda or cpu (the dry run's rehearsal), got {DEVICE!r}")
+pytestmark = pytest.mark.skipif(DEVICE == 'cuda' and not torch.cuda.is_available(),
+                                reason='needs a CUDA GPU (TEST_CUDA_DEVICE=cpu rehearses it on the CPU)')
+cuda_only = pytest.mark.skipif(DEVICE != 'cuda', reason='CUDA only (the CPU rehearsal skips it)')
 
 
 def capability() -> tuple[int, int]:
-    return torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
+    return torch.cuda.get_device_capability() if DEVICE == 'cuda' and torch.cuda.is_available() else (0, 0)
 
 
-# F.grouped_mm on CUDA takes bfloat16 from sm80; its CUTLASS kernel (no host sync) is sm90/sm100 only, and
-# below that runtime.choose_runtime picks the expert loop, which syncs by design (counts.tolist()).
-needs_grouped_mm = pytest.mark.skipif(torch.cuda.is_available() and capability() < (8, 0), reason='grouped_mm on CUDA needs sm80+ (bfloat16)')
-needs_fast_grouped_mm = pytest.mark.skipif(torch.cuda.is_available() and capability()[0] not in (9, 10),
+def ran_grouped_mm(fn) -> bool:
+    """Whether fn() called aten::_grouped_mm (the profiler sees every aten op, also those a compiled graph calls):
+    the layer falls back to its loop without a word where grouped_mm does not take the dtype or device."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any(event.key == 'aten::_grouped_mm' for event in prof.key_averages())
+
+
+# F.grouped_mm on CUDA takes bfloat16 from sm80; its CUTLASS kernel (no host sync) is sm90/sm100 only, and below
+# that it copies the offsets to the host once per call (pytorch#186620). On the CPU it takes bfloat16 too (eager
+# and compiled).
+needs_grouped_mm = pytest.mark.skipif(DEVICE == 'cuda' and torch.cuda.is_available() and capability() < (8, 0),
+                                      reason='grouped_mm on CUDA needs sm80+ (bfloat16)')
+needs_fast_grouped_mm = pytest.mark.skipif(DEVICE == 'cuda' and torch.cuda.is_available()
+                                           and capability()[0] not in (9, 10),
                                            reason="grouped_mm syncs with the host below sm90 (pytorch#186620)")
 
 # The routing of the two config files at a small width. moe: config/moe.py (8 experts, top-2, capacity 1.25,
@@ -52,7 +72,7 @@ def routing_margin(layer, x: torch.Tensor) -> float:
     return (top[:, -2] - top[:, -1]).min().item()
 
 
-def layer_and_input(kind: str, device: str = 'cuda', idle_expert: bool = False):
+def layer_and_input(kind: str, device: str = DEVICE, idle_expert: bool = False):
     """A MoE layer of kind LAYERS[kind] (grouped dispatch, float32 weights) on device and an input (4, 32, C)
     whose routing has a clear margin. Weights are N(0, 1/fan_in) rather than make_layer's N(0, 0.5): with those, sigmoid scores
     sit at exactly 1.0 in float32 and top-k tests tie-breaking, not dispatch. deepseek_moe gets a bias that
@@ -118,6 +138,9 @@ def test_grouped_bf16_matches_the_loop_and_the_naive_reference(kind):
     y, grads, aux = forward_backward(layer, x, grad_out, bf16=True)
     y_loop, grads_loop, _ = forward_backward(loop, x, grad_out, bf16=True)
     y_ref, grads_ref, _ = forward_backward(layer, x, grad_out, bf16=False, naive=True)
+    # the grouped layer really took grouped_mm (it would fall back to the loop silently), the loop layer never
+    assert ran_grouped_mm(lambda: forward_backward(layer, x, grad_out, bf16=True))
+    assert not ran_grouped_mm(lambda: forward_backward(loop, x, grad_out, bf16=True))
     if kind == 'moe':
         assert aux['dropped_frac'].item() > 0                       # capacity 1.25 really drops here
     assert_close_to_scale(y, y_loop, BF16_PATHS, 'y, grouped vs loop')
@@ -164,6 +187,7 @@ def test_an_idle_expert_and_dropped_rows_leave_no_garbage(kind, poisoned_memory)
         assert g[1:].abs().amax(dim=(1, 2)).min().item() > 0, name
 
 
+@cuda_only
 @needs_fast_grouped_mm
 @pytest.mark.parametrize('kind', LAYERS)
 def test_moe_forward_and_backward_never_sync_with_the_host(kind):
@@ -197,25 +221,32 @@ def test_moe_forward_and_backward_never_sync_with_the_host(kind):
 @pytest.mark.parametrize('kind', KINDS)
 def test_compiled_model_keeps_one_graph_as_routing_changes(kind):
     """tests/test_model.py checks graph capture with aot_eager on the CPU; here the real thing: inductor on
-    CUDA, bf16 autocast, fused AdamW, the bias update, five steps whose routing changes."""
+    CUDA, bf16 autocast, fused AdamW, the bias update, five steps whose routing changes, and the MoE's expert
+    matmuls in the compiled graph still grouped_mm (inductor calls aten's kernel unless max-autotune)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
-    model = tiny(kind).cuda()
+    model = tiny(kind).to(DEVICE)
     compiled = torch.compile(model)
-    opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cuda')
-    assert opt.defaults.get('fused'), 'configure_optimizers should pick fused AdamW on CUDA'
+    opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), DEVICE)
+    if DEVICE == 'cuda':
+        assert opt.defaults.get('fused'), 'configure_optimizers should pick fused AdamW on CUDA'
     loads = []
-    for step in range(5):
-        idx = torch.randint(0, 256, (4, 16), device='cuda')
-        with torch.autocast('cuda', dtype=torch.bfloat16):
+
+    def step():
+        idx = torch.randint(0, 256, (4, 16), device=DEVICE)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
             _, loss, aux = compiled(idx, idx, return_aux=True)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         model.update_moe_biases(aux['expert_counts'])
         loads.append(aux['expert_counts'].cpu())
+        return loss
+    for _ in range(4):
+        loss = step()
+    assert ran_grouped_mm(step) == (kind != 'dense'), 'the compiled MoE did not call grouped_mm'   # the 5th step
     assert torch.isfinite(loss)
     if kind != 'dense':
         assert any(not torch.equal(loads[0], load) for load in loads[1:]), 'routing never changed'
@@ -227,30 +258,31 @@ def test_compiled_model_keeps_one_graph_as_routing_changes(kind):
 
 @needs_grouped_mm
 def test_train_py_on_cuda_compiled(tmp_path):
-    """python train.py config/deepseek_moe.py as on the GPU (bf16 and compile by default, here asked for),
-    at a tiny size: it finishes, says where it ran, logs MFU (H200 and the like are in runtime.GPU_PEAK_FLOPS)
-    and a finite validation loss."""
+    """python train.py config/deepseek_moe.py as on the GPU (bf16 and compile, the defaults there, asked for),
+    at a tiny size: it finishes, says where it ran, logs MFU (H200 and the like are in runtime.GPU_PEAK_FLOPS;
+    the CPU has no peak, so no MFU) and a finite validation loss."""
     data = random_token_data(tmp_path / 'data', vocab=128, n_tokens=20_000)
     out = tmp_path / 'out'
-    args = ['train.py', 'config/deepseek_moe.py', '--device=cuda', '--compile=True', '--n_layer=2', '--n_embd=64',
-            '--n_head=2', '--block_size=32', '--batch_size=8', '--vocab_size=128', '--max_iters=20',
-            '--lr_decay_iters=20', '--warmup_iters=5', '--eval_interval=10', '--eval_iters=4', '--log_interval=5',
-            f'--data_dir={data}', f'--out_dir={out}']
+    args = ['train.py', 'config/deepseek_moe.py', f'--device={DEVICE}', '--dtype=bfloat16', '--compile=True',
+            '--n_layer=2', '--n_embd=64', '--n_head=2', '--block_size=32', '--batch_size=8', '--vocab_size=128',
+            '--max_iters=20', '--lr_decay_iters=20', '--warmup_iters=5', '--eval_interval=10', '--eval_iters=4',
+            '--log_interval=5', f'--data_dir={data}', f'--out_dir={out}']
     p = subprocess.run([sys.executable, *args], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                        timeout=400)
     assert p.returncode == 0, f'{p.stdout}\n{p.stderr}'
     first = p.stdout.splitlines()[0]
-    assert first.startswith('device cuda') and 'compile on' in first and 'bfloat16' in first, first
-    if capability()[0] in (9, 10):
+    assert first.startswith(f'device {DEVICE}') and 'compile on' in first and 'bfloat16' in first, first
+    if DEVICE == 'cpu' or capability()[0] in (9, 10):
         assert 'MoE dispatch grouped' in first, first
     with open(os.path.join(out, 'metrics.jsonl')) as f:
         rows = [json.loads(line) for line in f]
     assert rows[0]['type'] == 'config' and rows[0]['runtime']['compile'] and rows[0]['dtype'] == 'bfloat16'
     train_rows = [r for r in rows if r['type'] == 'train']
     assert [r['iter'] for r in train_rows] == [5, 10, 15, 20]
-    # a tiny model is a tiny fraction of the peak (it may round to 0.0); what matters is that the GPU's peak
-    # was found, else train.py logs no mfu at all
-    assert all(isinstance(r.get('mfu'), float) and r['mfu'] >= 0 for r in train_rows), train_rows
+    if DEVICE == 'cuda':
+        # a tiny model is a tiny fraction of the peak (it may round to 0.0); what matters is that the GPU's peak
+        # was found, else train.py logs no mfu at all
+        assert all(isinstance(r.get('mfu'), float) and r['mfu'] >= 0 for r in train_rows), train_rows
     evals = [r for r in rows if r['type'] == 'eval']
     assert [r['iter'] for r in evals] == [0, 10, 20]
     assert all(math.isfinite(r['val_loss']) for r in evals), evals
