@@ -1,37 +1,72 @@
 #!/usr/bin/env bash
-# bench/gpu_check.sh OUTDIR: everything a lent GPU should run, in one command, each step under its own time cap
-# (a slow step cannot eat the others), going on past a failed step, and always ending with OUTDIR/summary.md:
-#   1. env.txt (nvidia-smi, python/torch/triton versions, device name, capability); pytest tests/test_cuda.py
-#   2. python bench.py --device cuda --sizes 6x384     (step and layer cost against dense, MFU, 8/64/256 slope)
-#   3. python train.py config/{dense,moe,deepseek_moe}.py, 5,000 iterations each, bf16 and compile by default,
-#      on the TinyStories sample, side by side on the one GPU (three in a row cannot fit the cap)
-#   4. python compare.py on the three runs
-#   5. OUTDIR/summary.md: exit codes, wall times, the figures from the logs; the rest in OUTDIR/results.tar.gz
+# bench/gpu_check.sh OUTDIR: the whole GPU check in one command that fits the lease, each step under its own time
+# cap and all of them under a total of 360 s (GPU_CHECK_TOTAL), going on past a failed step. In order:
+#   env       nvidia-smi, python/torch/triton versions, the APIs the path needs, runtime.py's decisions
+#   tests     pytest tests/test_cuda.py (bf16 into grouped_mm, no host sync, one inductor graph, train.py compiled)
+#   bench     bench.py at the Quickstart size (6 x 384, 64 x 256 tokens, vocab 50,304): dense, moe, deepseek_moe,
+#             step and FFN-layer cost against dense of the same active width, MFU, each model's compile time
+#   train     train.py config/{dense,moe,deepseek_moe}.py at the Quickstart size, compiled, bf16, one after the
+#             other, 200 iterations each: ms/iter, tokens/s, MFU, compile, peak memory, the projected time of the
+#             5,000-iteration run. A SPEED check: 200 x 16,384 tokens is under one pass over the 3.3M-token sample,
+#             and its losses compare nothing (the Quickstart's comparison needs the full TinyStories)
+#   scaling   bench.py's expert-count slope (dense, E=8, E=64, E=256), only if the total budget has its cap left
+# After every step OUTDIR/summary.md, env.txt and results.tar.gz are rewritten, so a run cut off at any point
+# brings back what finished; summary.md says what each figure shows and does not show. Exit 0 only if every
+# step passed and every check in summary.md's "Checks" did (bf16, compiled, grouped_mm, finite losses).
 #
-# The device tool call (one H200; 15 minutes of device time in all, the machine's start included):
+# The budget on one H100 or H200 (the machine's start, 1-2 minutes, is outside it):
+#   step      cap s   expected s  why it fits
+#   env         15        ~10     import torch, nvidia-smi
+#   tests       75       40-60    7 eager tests (seconds); 3 tiny models and one tiny train.py compiled by inductor,
+#                                 tens of seconds each cold, run 4 at a time with pytest-xdist (in the image);
+#                                 without xdist they run one by one and the cap may cut the last (the summary says)
+#   bench      110      50-90     3 models compiled cold (inductor on a GPU: tens of seconds each), 3 FFN layers and
+#                                 2 expert-only functions (seconds each); the timing itself is ~5 s (10 warm-up
+#                                 steps, 30 rounds at ~15-40 ms a step)
+#   train    3 x 50   3 x 25-40   start-up and CUDA init ~8 s; the training graph from the inductor cache bench.py
+#                                 filled (bench.py compiles the same graph: sizes, targets apart from the inputs, and
+#                                 TF32 as train.py sets it, for the cache key holds it) ~5-10 s;
+#                                 the eval graph cold ~10-20 s; 200 steps at ~15-40 ms; one checkpoint (~0.8 GB)
+#                                 into RAM scratch
+#   summaries  ~10                one per step (no torch import) and the tarball
+#   total      360                the 350 s of caps above + summaries; the deadline stops any step at 350 s
+#   scaling    100                only with 100 s of the 360 left (rarely): 3 more models to compile
+# Compile times from the full dry run on the 2-core development machine, both cores busy with a training study
+# (2 x 64, bf16; an upper guide for the GPU, where Triton compiles in parallel on 16 cores): bench.py's first step
+# of a model, compiling cold, 23-35 s; train.py's training graph from bench.py's cache 0.6-4 s, its eval graph cold
+# 13-23 s; a whole training run 22-37 s; tests/test_cuda.py 3m16s (4 compiles in a row, no xdist there).
+#
+# The device tool call (15 minutes of device time in all, the machine's start included):
 #   command:   bash bench/gpu_check.sh $OUT
-#   carry:     ["data/tinystories/train.bin", "data/tinystories/val.bin"]
-#   timeout_s: 590
-# The step caps add up to 540 s (CAP_* below; the summary names any step its cap cut). The carried files are
-# git-ignored; make them here first (about 2 s, 8 MB):
+#   carry:     ["data/tinystories/train.bin", "data/tinystories/val.bin", "data/tinystories/meta.json"]
+#   timeout_s: 420
+# 420 s is the 360 s budget and a minute of slack; a call is ~1.5 min of start + <= 6 min, so a second call
+# fits in the 15 minutes when the first finished early or the machine is still warm (30 s), else rerun only what
+# broke: GPU_CHECK_STEPS="bench train" GPU_CHECK_TOTAL=240 bash bench/gpu_check.sh $OUT (the device time left
+# minus two minutes). The carried files are git-ignored (7.9 MB, far inside the 64 MiB that travel); make them here:
 #   TIKTOKEN_CACHE_DIR=../shared/tiktoken_cache python data/tinystories/prepare.py \
 #       --input ../shared/data/tinystories/train.txt --val-input ../shared/data/tinystories/val.txt
-# What comes back: OUTDIR/summary.md, OUTDIR/env.txt and OUTDIR/results.tar.gz (logs, metrics.jsonl, compare
-# output, GPU load; never a checkpoint). The device tool returns at most 8 files, so the runs and their
-# checkpoints live in a scratch folder outside OUTDIR, and OUTDIR holds those three files at every moment:
-# they are refreshed after every step, so even a command killed at its limit brings back what had finished.
+# What comes back: OUTDIR/summary.md, env.txt, results.tar.gz (logs, metrics.jsonl, nvidia-smi samples, steps;
+# never a checkpoint), 3 of the 8 files the tool returns. Runs, checkpoints and inductor's cache live in a scratch
+# folder in RAM, outside OUTDIR, and are deleted at the end.
 #
-# Dry run on the CPU, the very same steps with every one shrunk (device cpu, compile off, tiny sizes, 20
-# iterations; a few minutes on 2 cores):
-#   DRY_RUN=1 bash bench/gpu_check.sh /tmp/gpu_dry
-# Settings (environment): DRY_RUN=1; PYTHON (default: the first of python3, python that imports torch);
-# DATA_DIR (default data/tinystories); TRAIN_MODE=parallel|sequential; CAP_ENV, CAP_TESTS, CAP_BENCH,
-# CAP_TRAIN (all three runs together), CAP_COMPARE in seconds; KEEP_WORK=1 keeps the scratch folder.
+# Dry runs on the CPU, before any GPU call. Both run the very same steps on the same code path, only smaller:
+#   DRY_RUN=1 bash bench/gpu_check.sh /tmp/gpu_dry       # full: bf16 autocast AND torch.compile on (inductor on
+#       the CPU, grouped_mm compiled in bf16), tests/test_cuda.py rehearsed on the CPU (TEST_CUDA_DEVICE=cpu),
+#       bench and train at 2 x 64, 4 x 32 tokens, 20 iterations, the scaling step too. Measured on the 2-core
+#       development machine while both cores ran a training study (2026-12-05): 9m34s, every step and check passing
+#       (15m26s when more jobs shared the machine). Run it before a GPU call.
+#   DRY_RUN=quick bash bench/gpu_check.sh /tmp/gpu_quick  # bf16, eager, tiny: the script's plumbing in CI
+#       (tests/test_gpu_check.py): 48-71 s on the same busy machine, ~30 s of it CPU time.
+# Settings (environment): DRY_RUN=0|1|quick; GPU_CHECK_STEPS (default "env tests bench train scaling");
+# GPU_CHECK_TOTAL and CAP_ENV, CAP_TESTS, CAP_BENCH, CAP_TRAIN (each run), CAP_SCALING in seconds; PYTHON (default:
+# the first of python3, python that imports torch); DATA_DIR (default data/tinystories); KEEP_WORK=1 keeps the
+# scratch folder; TORCHINDUCTOR_CACHE_DIR (default: a fresh one in the scratch folder, so compile times are cold).
 
 set -u
 set -o pipefail
 
-usage="usage: [DRY_RUN=1] bash bench/gpu_check.sh OUTDIR"
+usage="usage: [DRY_RUN=1|quick] bash bench/gpu_check.sh OUTDIR"
 if [ $# -ne 1 ]; then
   echo "$usage" >&2
   exit 2
@@ -47,20 +82,34 @@ for f in "$OUT"/* "$OUT"/.[!.]*; do   # OUTDIR may hold only what an earlier run
 done
 cd "$REPO" || exit 2
 
-DRY_RUN="${DRY_RUN:-0}"
+case "${DRY_RUN:-0}" in
+  0) MODE=gpu ;;
+  1) MODE=full ;;
+  quick) MODE=quick ;;
+  *) echo "error: DRY_RUN must be 0, 1 or quick, got '${DRY_RUN}'" >&2; exit 2 ;;
+esac
+# caps in seconds, per mode: the GPU's are the budget in the header; the CPU's are what it needs, not a budget
+GPU_CAPS="ENV=15 TESTS=75 BENCH=110 TRAIN=50 SCALING=100 TOTAL=360"
+FULL_CAPS="ENV=60 TESTS=1200 BENCH=1200 TRAIN=400 SCALING=1500 TOTAL=7200"
+QUICK_CAPS="ENV=60 TESTS=120 BENCH=120 TRAIN=120 SCALING=120 TOTAL=900"
+caps="$GPU_CAPS"
+[ "$MODE" = full ] && caps="$FULL_CAPS"
+[ "$MODE" = quick ] && caps="$QUICK_CAPS"
+for kv in $caps; do                 # CAP_ENV=... from the environment wins
+  name="${kv%%=*}"
+  var="CAP_$name"
+  [ "$name" = TOTAL ] && var=GPU_CHECK_TOTAL
+  [ -z "${!var:-}" ] && printf -v "$var" '%s' "${kv#*=}"
+done
+RESERVE=10                          # seconds of the total kept for the last summary
+STEPS_WANTED=" ${GPU_CHECK_STEPS:-env tests bench train scaling} "
 DATA_DIR="${DATA_DIR:-$REPO/data/tinystories}"
-TRAIN_MODE="${TRAIN_MODE:-parallel}"
-CAP_ENV="${CAP_ENV:-15}"
-CAP_TESTS="${CAP_TESTS:-120}"
-CAP_BENCH="${CAP_BENCH:-150}"
-CAP_TRAIN="${CAP_TRAIN:-225}"
-CAP_COMPARE="${CAP_COMPARE:-30}"
 CONFIGS="dense moe deepseek_moe"
 export PYTHONUNBUFFERED=1
 if [ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d "$REPO/../shared/tiktoken_cache" ]; then
   export TIKTOKEN_CACHE_DIR="$REPO/../shared/tiktoken_cache"     # GPT-2 BPE files offline (not needed to train)
 fi
-case "$TRAIN_MODE" in parallel|sequential) ;; *) echo "error: TRAIN_MODE must be parallel or sequential" >&2; exit 2 ;; esac
+[ "$MODE" != gpu ] && export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # the CPU rehearsal: one thread
 
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
@@ -76,19 +125,19 @@ if [ -z "$PY" ]; then
   echo "warning: neither python3 nor python imports torch; every step will fail" >&2
 fi
 
-# scratch folder for the runs (checkpoints of ~0.5 GB each, rewritten at every improving eval): RAM where
-# there is room, so the fsync of every save costs nothing; never inside OUTDIR
+# scratch folder: runs, checkpoints (~0.8 GB each), inductor's cache; RAM where there is room, never inside OUTDIR
 if [ -n "${GPU_CHECK_WORK:-}" ]; then
   WORK="$GPU_CHECK_WORK"
   mkdir -p "$WORK"
-elif [ -d /dev/shm ] && [ "$(df -Pk /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}')" -gt 16000000 ] 2>/dev/null; then
+elif [ -d /dev/shm ] && [ "$(df -Pk /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}')" -gt 8000000 ] 2>/dev/null; then
   WORK="$(mktemp -d /dev/shm/gpu_check.XXXXXX)"
 else
   WORK="$(mktemp -d /tmp/gpu_check.XXXXXX)"
 fi
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$WORK/inductor_cache}"
 RES="$WORK/results"                      # what goes into results.tar.gz
 LOGS="$RES/logs"
-RUNS="$WORK/runs"                        # run dirs: metrics.jsonl is copied to $RES/runs, ckpt.pt stays here
+RUNS="$WORK/runs"                        # run dirs: metrics.jsonl is copied to $RES/runs, ckpt.pt is deleted
 mkdir -p "$LOGS" "$RES/runs" "$RUNS" || exit 2
 STEPS="$RES/steps.tsv"                   # one line per step: name, exit code, wall seconds, cap, note
 printf 'step\texit\twall_s\tcap_s\tnote\n' >"$STEPS"
@@ -97,35 +146,48 @@ MONITOR_PID=""
 
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+left() { awk -v a="$T_START" -v b="$(now)" -v t="$GPU_CHECK_TOTAL" 'BEGIN { printf "%d", t - (b - a) }'; }
 say() { echo "[gpu_check $(date +%H:%M:%S)] $*"; }
+wanted() { [[ "$STEPS_WANTED" == *" $1 "* ]]; }
 
 record() {   # record NAME EXIT WALL CAP NOTE
   printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "${5:-}" >>"$STEPS"
   local verdict="exit $2"
   [ "$2" = 0 ] && verdict=ok
   [ "$2" = 124 ] && verdict="CUT by its ${4}s cap"
-  [ "$2" = 137 ] && verdict="KILLED ${4}s cap + 5 s"
+  [ "$2" = 137 ] && verdict="KILLED at its ${4}s cap + 5 s"
   [ "$2" = - ] && verdict="not run"
   say "$1: $verdict (${3}s)${5:+; $5}"
 }
 
-run_step() {   # run_step NAME CAP LOG COMMAND...: the command under timeout, its output in LOG
-  local name="$1" cap="$2" log="$3"
+cap_for() {   # cap_for CAP: CAP, or what the total budget has left (minus the reserve) if that is less
+  local rest=$(( $(left) - RESERVE ))
+  [ "$rest" -lt "$1" ] && echo "$rest" || echo "$1"
+}
+
+run_step() {   # run_step NAME CAP LOG COMMAND...: the command under timeout (capped by the total), output in LOG
+  local name="$1" cap log="$3" note="" t0 rc
+  cap="$(cap_for "$2")"
   shift 3
-  local t0 rc
+  if [ "$cap" -lt 2 ]; then
+    record "$name" - 0 "$cap" "the total budget of ${GPU_CHECK_TOTAL}s is spent"
+    refresh
+    return 1
+  fi
+  [ "$cap" -lt "$2" ] 2>/dev/null && note="cap cut to what the ${GPU_CHECK_TOTAL}s total had left"
   t0="$(now)"
   say "$name: $* (cap ${cap}s)"
   timeout -k 5 "$cap" "$@" >"$log" 2>&1
   rc=$?
-  record "$name" "$rc" "$(elapsed "$t0" "$(now)")" "$cap"
+  record "$name" "$rc" "$(elapsed "$t0" "$(now)")" "$cap" "$note"
   refresh
   return "$rc"
 }
 
-start_monitor() {   # start_monitor NAME: GPU load and memory every second, until stop_monitor
-  if [ "$DRY_RUN" != 1 ] && command -v nvidia-smi >/dev/null 2>&1; then
+start_monitor() {   # start_monitor NAME: GPU load and memory every second into gpu_NAME.csv, until stop_monitor
+  if [ "$MODE" = gpu ] && command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used,power.draw --format=csv,nounits -l 1 \
-      >"$RES/gpu_load_$1.csv" 2>/dev/null &
+      >"$RES/gpu_$1.csv" 2>/dev/null &
     MONITOR_PID=$!
   fi
 }
@@ -138,218 +200,168 @@ stop_monitor() {
   fi
 }
 
-# -----------------------------------------------------------------------------------------------------------
-# summary.md and the tarball, rewritten after every step
-
-write_summary() {
-  timeout 60 "$PY" - "$RES" "$OUT/summary.md" "$DRY_RUN" "$TRAIN_MODE" "$(elapsed "$T_START" "$(now)")" \
-      "$CAP_TRAIN" <<'PYEOF'
-import csv, glob, json, os, re, statistics, sys
-
-res, path, dry, mode, total_s, cap_train = sys.argv[1:7]
-dry = dry == '1'
-out = []
-w = out.append
-
-
-def read(p, default=''):
-    try:
-        with open(p, errors='replace') as f:
-            return f.read()
-    except OSError:
-        return default
-
-
-def verdict(rc, cap):
-    return {'0': 'ok', '124': f'**CUT** by its {cap} s cap', '137': f'**KILLED** ({cap} s cap + 5 s)',
-            '-': 'not run'}.get(rc, f'**FAILED** (exit {rc})')
-
-
-def section(title, fn):
-    w(f'\n## {title}\n')
-    try:
-        fn()
-    except Exception as e:           # a summary must always be written: say what could not be read
-        w(f'(this section could not be made: {type(e).__name__}: {e})')
-
-
-with open(os.path.join(res, 'steps.tsv')) as f:
-    steps = list(csv.DictReader(f, delimiter='\t'))
-env = read(os.path.join(res, 'env.txt'))
-gpu = re.search(r'^torch.cuda.get_device_name: (.*)$', env, re.M)
-w(f"# GPU check{' (DRY RUN on the CPU: every step shrunk)' if dry else ''}: "
-  f"{gpu.group(1) if gpu else 'no GPU'}\n")
-w(f"Written by bench/gpu_check.sh after {total_s} s; {len(steps)} steps recorded so far. "
-  f"Training runs: {mode}" + (' (three processes shared the one GPU: each run\'s tokens/s and MFU are its share, '
-                              'not what it gets alone)' if mode == 'parallel' else ' (one after another)') + '.')
-
-
-def steps_table():
-    w('| step | result | exit | wall s | cap s | note |\n|---|---|---:|---:|---:|---|')
-    for s in steps:
-        w(f"| {s['step']} | {verdict(s['exit'], s['cap_s'])} | {s['exit']} | {s['wall_s']} | {s['cap_s']} | {s['note']} |")
-
-
-def env_lines():
-    keep = [l for l in env.splitlines() if l and not l.startswith(' ') and ':' in l][:30]
-    w('```\n' + '\n'.join(keep) + '\n```' if keep else '(no env.txt)')
-
-
-def tests():
-    log = read(os.path.join(res, 'logs', 'tests.log'))
-    lines = log.splitlines()
-    results = [l for l in lines if re.search(r'(PASSED|FAILED|ERROR|SKIPPED|XFAIL)', l) and '::' in l]
-    final = [l for l in lines if re.search(r'\d+ (passed|failed|skipped|error)', l)]
-    w('```\n' + '\n'.join(results[:40] + final[-1:]) + '\n```' if results or final else '(no test result in the log)')
-    step = next((s for s in steps if s['step'] == 'tests'), None)
-    if step and step['exit'] != '0' and not final:
-        w(f"\npytest did not finish ({verdict(step['exit'], step['cap_s'])}); the last lines of its log:\n```\n"
-          + '\n'.join(lines[-10:]) + '\n```')
-    errors = [l for l in lines if l.startswith('E ')][:15]
-    if errors:
-        w('\nFirst assertion lines:\n```\n' + '\n'.join(errors) + '\n```')
-    durations = [l for l in lines if re.match(r'^\d+\.\d+s (call|setup|teardown)', l)][:8]
-    if durations:
-        w('\nSlowest:\n```\n' + '\n'.join(durations) + '\n```')
-
-
-def bench():
-    log = read(os.path.join(res, 'logs', 'bench.log'))
-    keep = []
-    lines = log.splitlines()
-    for i, l in enumerate(lines):             # its tables and result lines, not the warnings around them
-        if l.startswith(('|', '## ', 'torch ', 'scaling from', 'host synchronisations', 'error')):
-            header = l.startswith('|') and i + 1 < len(lines) and lines[i + 1].startswith('|---')
-            if keep and (header or not l.startswith('|')):
-                keep.append('')               # a blank line around headings and tables, for markdown
-            keep.append(l)
-    w('\n'.join(keep) if keep else '(no table in the log)')
-    step = next((s for s in steps if s['step'] == 'bench'), None)
-    if step and step['exit'] != '0':
-        tail = log.strip().splitlines()[-8:]
-        w(f"\nbench.py did not finish ({verdict(step['exit'], step['cap_s'])}); the last lines of its log:\n```\n"
-          + '\n'.join(tail) + '\n```')
-
-
-def median(values):
-    values = [v for v in values if isinstance(v, (int, float))]
-    return statistics.median(values) if values else None
-
-
-def fmt(v, spec):
-    return format(v, spec) if isinstance(v, (int, float)) else '-'
-
-
-def training():
-    by_step = {s['step']: s for s in steps}
-    w('| run | result | iters done / max | last eval: iter, val loss | best val loss | tokens/s (median) | '
-      'ms/iter (median) | MFU (median) | maxvio_batch (last eval) | wall s |')
-    w('|---|---|---:|---:|---:|---:|---:|---:|---:|---:|')
-    notes = []
-    for name in ('dense', 'moe', 'deepseek_moe'):
-        s = by_step.get(f'train {name}')
-        rows = []
-        for line in read(os.path.join(res, 'runs', name, 'metrics.jsonl')).splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                pass                                     # a line cut by the kill
-        cfg = next((r for r in rows if r.get('type') == 'config'), {})
-        max_iters = cfg.get('config', {}).get('max_iters', '?')
-        trains = [r for r in rows if r.get('type') == 'train']
-        evals = [r for r in rows if r.get('type') == 'eval']
-        steady = trains[1:] or trains                  # the first logged window holds the compile
-        done = trains[-1]['iter'] if trains else 0
-        last = evals[-1] if evals else {}
-        best = min((r['val_loss'] for r in evals), default=None)
-        mv = last.get('maxvio_batch')
-        result = verdict(s['exit'], s['cap_s']) if s else 'not run'
-        if s and s['exit'] == '0' and done != max_iters:
-            result += f' (but stopped at {done})'
-        w(f"| {name} | {result} | {done} / {max_iters} | {last.get('iter', '-')}, {fmt(last.get('val_loss'), '.4f')} | "
-          f"{fmt(best, '.4f')} | {fmt(median([r.get('tokens_per_s') for r in steady]), ',.0f')} | "
-          f"{fmt(median([r.get('ms_per_iter') for r in steady]), '.1f')} | "
-          f"{fmt(median([100 * r['mfu'] for r in steady if 'mfu' in r]), '.1f')}{'%' if any('mfu' in r for r in steady) else ''} | "
-          f"{fmt(statistics.mean(mv), '.3f') if mv else '-'} | {s['wall_s'] if s else '-'} |")
-        if not s or s['exit'] == '-':
-            continue
-        log = read(os.path.join(res, 'logs', f'train_{name}.log')).splitlines()
-        first = log[0] if log else '(no output)'
-        timing = next((l for l in log if l.startswith('timing:')), '')
-        notes.append(f'- {name}: `{first}`' + (f'; `{timing}`' if timing else ''))
-        if s and s['exit'] == '124' and done == max_iters:
-            notes.append(f'  - cut by the {s["cap_s"]} s cap after its last iteration ({done}), while it evaluated, saved '
-                         f'or measured the final expert selection: its last eval row may be missing')
-        elif s and s['exit'] == '124':
-            notes.append(f'  - cut by the {s["cap_s"]} s cap at iteration {done} of {max_iters}: its figures are those of a '
-                         f'partial run, NOT of the {max_iters}-iteration result')
-        if s and s['exit'] not in ('0', '124', '-'):
-            notes.append('  - last lines:\n```\n' + '\n'.join(log[-8:]) + '\n```')
-    w('\n' + '\n'.join(notes))
-    loads = sorted(glob.glob(os.path.join(res, 'gpu_load_*.csv')))
-    for p in loads:
-        util, mem = [], []
-        for row in csv.reader(read(p).splitlines()[1:]):
-            try:
-                util.append(float(row[1]))
-                mem.append(float(row[2]))
-            except (ValueError, IndexError):
-                pass
-        if util:
-            w(f"\nGPU during {os.path.basename(p)[9:-4]}: utilisation mean {statistics.mean(util):.0f}% "
-              f"(samples {len(util)}, 1 s apart), memory used max {max(mem) / 1024:.1f} GiB")
-
-
-def compare():
-    text = read(os.path.join(res, 'compare', 'summary.md'))
-    w(text.strip() if text else '(no compare output)')
-    log = read(os.path.join(res, 'logs', 'compare.log'))
-    warn = [l for l in log.splitlines() if l.startswith(('warning', 'error'))]
-    if warn:
-        w('\n```\n' + '\n'.join(warn) + '\n```')
-
-
-section('Steps', steps_table)
-section('Environment', env_lines)
-section('CUDA tests (tests/test_cuda.py)', tests)
-section('bench.py', bench)
-section('Training runs (train.py, metrics.jsonl)', training)
-section('compare.py', compare)
-w('\n## Files\n\nresults.tar.gz holds logs/ (every step\'s output), runs/<config>/metrics.jsonl, compare/ '
-  '(figures, summary.md, summary.json), gpu_load_*.csv, env.txt and steps.tsv. No checkpoint comes back.')
-with open(path + '.tmp', 'w') as f:
-    f.write('\n'.join(out) + '\n')
-os.replace(path + '.tmp', path)
-PYEOF
-  local rc=$?
-  if [ "$rc" -ne 0 ]; then   # the Python summary failed: the step table alone, from bash
-    {
-      echo "# GPU check (the full summary failed with exit $rc; see results.tar.gz)"
-      echo
-      cat "$STEPS"
-    } >"$OUT/summary.md"
-  fi
-}
-
-refresh() {   # summary.md, env.txt and results.tar.gz in OUTDIR, from what has finished so far
-  local name
+refresh() {   # OUTDIR/summary.md, env.txt and results.tar.gz from what has finished so far; FINAL=1 at the end
+  local name rc
   for name in $CONFIGS; do
     if [ -f "$RUNS/$name/metrics.jsonl" ]; then
       mkdir -p "$RES/runs/$name"
       cp "$RUNS/$name/metrics.jsonl" "$RES/runs/$name/"
     fi
   done
-  write_summary
+  timeout 60 "$PY" "$REPO/bench/gpu_summary.py" "$RES" "$OUT/summary.md" --mode "$MODE" \
+    --elapsed_s "$(elapsed "$T_START" "$(now)")" --budget_s "$GPU_CHECK_TOTAL" ${FINAL:+--final} 2>>"$LOGS/summary.log"
+  rc=$?
+  if [ "$rc" -ne 0 ] && [ "$rc" -ne 1 ]; then   # the summary itself broke: the step table alone, from bash
+    { echo "# GPU check (bench/gpu_summary.py failed with exit $rc; see results.tar.gz, logs/summary.log)"; echo
+      cat "$STEPS"; } >"$OUT/summary.md"
+  fi
   [ -f "$RES/env.txt" ] && cp "$RES/env.txt" "$OUT/env.txt"
   tar -czf "$OUT/results.tar.gz.tmp" -C "$WORK" --exclude='*.pt' --exclude='*.tmp' results 2>/dev/null
-  if [ "$(stat -c %s "$OUT/results.tar.gz.tmp" 2>/dev/null || echo 0)" -gt 15000000 ]; then   # the tool takes <= 16 MiB
-    tar -czf "$OUT/results.tar.gz.tmp" -C "$WORK" --exclude='*.pt' --exclude='*.tmp' --exclude='*.png' results 2>/dev/null
+  if [ "$(stat -c %s "$OUT/results.tar.gz.tmp" 2>/dev/null || echo 0)" -gt 15000000 ]; then
+    # the tool returns files of at most 16 MiB: keep the last MB of every file instead (a log that ran away)
+    rm -rf "$WORK/results_tail" && mkdir -p "$WORK/results_tail"
+    (cd "$WORK" && find results -type f ! -name '*.pt' | while read -r f; do
+       mkdir -p "results_tail/$(dirname "$f")" && tail -c 1000000 "$f" >"results_tail/$f"; done)
+    tar -czf "$OUT/results.tar.gz.tmp" -C "$WORK/results_tail" results 2>/dev/null
   fi
   mv -f "$OUT/results.tar.gz.tmp" "$OUT/results.tar.gz" 2>/dev/null
+  return "$rc"
 }
 
+on_signal() {   # killed from outside (the device tool's limit): say so in what is already there
+  stop_monitor
+  record interrupted 143 "$(elapsed "$T_START" "$(now)")" - "the script was stopped from outside"
+  FINAL=1 refresh
+  exit 143
+}
+trap on_signal TERM INT
+
 # -----------------------------------------------------------------------------------------------------------
-# the data: GPT-2 tokens of the TinyStories sample
+# the sizes of each mode: the GPU's is the Quickstart's; the dry runs shrink it and keep everything else
+
+BENCH_ARGS=(--device cuda --dtype bfloat16 --compile true --sizes 6x384 --batch_size 64 --block_size 256
+            --vocab_size 50304 --warmup 10 --rounds 30)
+TRAIN_ARGS=(--device=cuda --dtype=bfloat16 --compile=True --max_iters=200 --eval_interval=200 --eval_iters=20
+            --log_interval=20)
+PYTEST_ARGS=(-v -rs --durations=10 -p no:cacheprovider)
+TEST_ENV=()
+if [ "$MODE" = gpu ] \
+    && "$PY" -c 'import sys, xdist; sys.exit(tuple(map(int, xdist.__version__.split(".")[:2])) < (3, 2))' 2>/dev/null
+then
+  # the compiles of 4 tests at a time, 4 inductor workers each (16 cores); an idle worker takes queued tests
+  # from a busy one (--dist worksteal, xdist 3.2+)
+  PYTEST_ARGS+=(-n 4 --dist worksteal)
+  TEST_ENV=(TORCHINDUCTOR_COMPILE_THREADS=4)
+fi
+if [ "$MODE" = full ]; then             # bench and train at the same sizes, so bench's cache serves train as on the GPU
+  BENCH_ARGS=(--device cpu --dtype bfloat16 --compile true --sizes 2x64 --batch_size 4 --block_size 32
+              --vocab_size 50304 --warmup 2 --rounds 3)
+  TRAIN_ARGS=(--device=cpu --dtype=bfloat16 --compile=True --n_layer=2 --n_embd=64 --n_head=1 --batch_size=4
+              --block_size=32 --max_iters=20 --eval_interval=20 --eval_iters=2 --log_interval=5)
+  TEST_ENV=(TEST_CUDA_DEVICE=cpu)
+elif [ "$MODE" = quick ]; then          # eager: compiling costs minutes on a CPU
+  BENCH_ARGS=(--device cpu --dtype bfloat16 --compile false --sizes 1x64 --batch_size 2 --block_size 16
+              --vocab_size 256 --warmup 1 --rounds 2)
+  TRAIN_ARGS=(--device=cpu --dtype=bfloat16 --compile=False --n_layer=1 --n_embd=64 --n_head=1 --batch_size=2
+              --block_size=16 --max_iters=10 --eval_interval=10 --eval_iters=1 --log_interval=5)
+  TEST_ENV=(TEST_CUDA_DEVICE=cpu)
+  PYTEST_ARGS+=(-k 'not compiled')
+fi
+
+# -----------------------------------------------------------------------------------------------------------
+# env
+
+env_report() {
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "mode: $MODE"
+  echo "host: $(uname -srm)"
+  echo "cpus: $(nproc --all)"
+  echo "memory: $(free -g 2>/dev/null | awk '/^Mem:/ {print $2 " GiB total, " $7 " GiB available"}')"
+  echo "scratch: $WORK ($(df -Ph "$WORK" | awk 'NR == 2 {print $4 " free"}'))"
+  if git -C "$REPO" rev-parse HEAD >/dev/null 2>&1; then
+    echo "git: $(git -C "$REPO" log -1 --format='%h %s' | cut -c1-100); $(git -C "$REPO" status --short | wc -l) paths changed or untracked"
+  else
+    echo "git: no repository here (a copy of the working tree)"
+  fi
+  echo "gcc: $(gcc --version 2>/dev/null | head -1 || echo 'not found (inductor on the CPU needs it)')"
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    echo "nvidia-smi: $(nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader 2>&1 | head -4 | tr '\n' ';')"
+  else
+    echo "nvidia-smi: not found"
+  fi
+  "$PY" - <<'PYEOF'
+import importlib, platform, sys
+print(f'python: {sys.executable} {platform.python_version()}')
+for name in ('torch', 'triton', 'numpy', 'pytest', 'xdist', 'tiktoken', 'wandb', 'datasets'):
+    try:
+        print(f'{name}: {importlib.import_module(name).__version__}')
+    except Exception as e:
+        unneeded = name in ('wandb', 'datasets', 'tiktoken')
+        print(f'{name}: not importable ({type(e).__name__})' + (' - not needed here' if unneeded else ''))
+try:
+    import torch
+    import torch._dynamo.config as dynamo_config
+    import torch.nn.functional as F
+    print(f'torch.version.cuda: {torch.version.cuda}')
+    print(f'torch.cuda.is_available: {torch.cuda.is_available()}')
+    if torch.cuda.is_available():
+        print(f'torch.cuda.get_device_name: {torch.cuda.get_device_name()}')
+        print(f'torch.cuda.get_device_capability: {torch.cuda.get_device_capability()}')
+        props = torch.cuda.get_device_properties(0)
+        print(f'device memory: {props.total_memory / 2**30:.1f} GiB, {props.multi_processor_count} SMs')
+        print(f'bf16 supported: {torch.cuda.is_bf16_supported()}')
+    # what the path calls beyond torch's old API: a torch older than the repo's minimum (2.10) fails here first
+    needs = {'F.grouped_mm': hasattr(F, 'grouped_mm'),
+             'dynamo recompile_limit': hasattr(dynamo_config, 'recompile_limit'),
+             'dynamo fail_on_recompile_limit_hit': hasattr(dynamo_config, 'fail_on_recompile_limit_hit'),
+             'torch.get_autocast_dtype': hasattr(torch, 'get_autocast_dtype'),
+             'torch.compiler.is_compiling': hasattr(torch.compiler, 'is_compiling')}
+    print('APIs the path needs: ' + ', '.join(f"{k} {'yes' if v else 'MISSING'}" for k, v in needs.items()))
+except Exception as e:
+    print(f'torch probe failed: {type(e).__name__}: {e}')
+try:                                   # what train.py will decide here, and the peak its MFU divides by
+    import runtime
+    for compile in (True, False):
+        rt = runtime.resolve_runtime(dtype='bfloat16', compile=compile, expert_widths=(384, 192))
+        print(f'runtime (deepseek_moe widths, bf16, compile {compile}): {rt.summary()}')
+    print(f'runtime.gpu_peak_flops: {runtime.gpu_peak_flops("cuda")}')
+except Exception as e:
+    print(f'runtime probe failed: {type(e).__name__}: {e}')
+PYEOF
+  echo
+  echo "---- nvidia-smi"
+  nvidia-smi 2>&1 | head -30 | sed 's/^/  /'
+}
+
+say "repo $REPO, OUTDIR $OUT, scratch $WORK, python $PY, mode $MODE, steps${STEPS_WANTED% }, total ${GPU_CHECK_TOTAL}s"
+if wanted env; then
+  t0="$(now)"
+  cap="$(cap_for "$CAP_ENV")"
+  timeout -k 5 "$cap" bash -c "$(declare -f env_report); MODE='$MODE' WORK='$WORK' PY='$PY' REPO='$REPO' env_report" \
+    >"$RES/env.txt" 2>&1
+  record env $? "$(elapsed "$t0" "$(now)")" "$cap"
+  refresh
+fi
+
+# -----------------------------------------------------------------------------------------------------------
+# tests: tests/test_cuda.py (on the CPU, its rehearsal)
+
+if wanted tests; then
+  run_step tests "$CAP_TESTS" "$LOGS/tests.log" \
+    env "${TEST_ENV[@]}" "$PY" -m pytest "${PYTEST_ARGS[@]}" tests/test_cuda.py
+fi
+
+# -----------------------------------------------------------------------------------------------------------
+# bench: the Quickstart size, without the scaling family (it comes last, if time is left)
+
+if wanted bench; then
+  start_monitor bench
+  run_step bench "$CAP_BENCH" "$LOGS/bench.log" "$PY" bench.py "${BENCH_ARGS[@]}" --no_scaling
+  stop_monitor
+fi
+
+# -----------------------------------------------------------------------------------------------------------
+# train: the data, then the three configs one after the other
 
 check_data() {   # check_data DIR: 0 if DIR holds usable train.bin and val.bin (GPT-2 ids), with a message
   "$PY" - "$1" <<'PYEOF'
@@ -369,14 +381,14 @@ for split in ('train', 'val'):
 if problems:
     print('; '.join(problems) + '. Make them on the development machine with TIKTOKEN_CACHE_DIR=../shared/tiktoken_cache '
           'python data/tinystories/prepare.py --input ../shared/data/tinystories/train.txt --val-input '
-          '../shared/data/tinystories/val.txt, and name data/tinystories/train.bin and data/tinystories/val.bin in '
+          '../shared/data/tinystories/val.txt, and name data/tinystories/{train.bin,val.bin,meta.json} in '
           'the device call\'s carry list (they are git-ignored, so they travel only when carried)')
     sys.exit(1)
 print(f'{d}: ' + ', '.join(sizes))
 PYEOF
 }
 
-make_random_data() {   # make_random_data DIR: tiny uniformly random GPT-2 ids (for the dry run only)
+make_random_data() {   # make_random_data DIR: uniformly random GPT-2 ids (the dry runs only, without the sample)
   "$PY" - "$1" <<'PYEOF'
 import os, sys
 import numpy as np
@@ -388,167 +400,54 @@ for split in ('train', 'val'):
 PYEOF
 }
 
-# -----------------------------------------------------------------------------------------------------------
-# 1. the environment and the CUDA tests
-
-say "repo $REPO, OUTDIR $OUT, scratch $WORK, python $PY, DRY_RUN=$DRY_RUN, training $TRAIN_MODE"
-env_report() {
-  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "host: $(uname -srm)"
-  echo "cpus: $(nproc)"
-  echo "memory: $(free -g 2>/dev/null | awk '/^Mem:/ {print $2 " GiB total, " $7 " GiB available"}')"
-  echo "scratch: $WORK ($(df -Ph "$WORK" | awk 'NR == 2 {print $4 " free"}'))"
-  if git -C "$REPO" rev-parse HEAD >/dev/null 2>&1; then
-    echo "git: $(git -C "$REPO" log -1 --format='%h %s' | cut -c1-100); $(git -C "$REPO" status --short | wc -l) paths changed or untracked"
-  else
-    echo "git: no repository here (a copy of the working tree)"
+if wanted train; then
+  t0="$(now)"
+  data_msg="$(check_data "$DATA_DIR" 2>&1)"
+  data_ok=$?
+  train_data="$DATA_DIR"
+  if [ "$data_ok" -ne 0 ] && [ "$MODE" != gpu ]; then   # a dry run may go on with random tokens; the GPU run may not
+    train_data="$WORK/random_data"
+    make_random_data "$train_data"
+    data_msg="no sample data ($data_msg) -- the dry run goes on with random tokens"
+    data_ok=0
   fi
-  if command -v nvidia-smi >/dev/null 2>&1; then
-    echo "nvidia-smi: $(nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader 2>&1 | head -4 | tr '\n' ';')"
-  else
-    echo "nvidia-smi: not found"
-  fi
-  "$PY" - <<'PYEOF'
-import importlib, platform, sys
-print(f'python: {sys.executable} {platform.python_version()}')
-for name in ('torch', 'triton', 'numpy', 'tiktoken', 'matplotlib', 'pytest'):
-    try:
-        print(f'{name}: {importlib.import_module(name).__version__}')
-    except Exception as e:
-        print(f'{name}: not importable ({type(e).__name__})')
-try:
-    import torch
-    print(f'torch.version.cuda: {torch.version.cuda}')
-    print(f'torch.cuda.is_available: {torch.cuda.is_available()}')
-    if torch.cuda.is_available():
-        print(f'torch.cuda.get_device_name: {torch.cuda.get_device_name()}')
-        print(f'torch.cuda.get_device_capability: {torch.cuda.get_device_capability()}')
-        props = torch.cuda.get_device_properties(0)
-        print(f'device memory: {props.total_memory / 2**30:.1f} GiB, {props.multi_processor_count} SMs')
-        print(f'bf16 supported: {torch.cuda.is_bf16_supported()}')
-    print(f'F.grouped_mm: {hasattr(torch.nn.functional, "grouped_mm")}')
-except Exception as e:
-    print(f'torch probe failed: {type(e).__name__}: {e}')
-try:                                   # what train.py will decide here, and the peak its MFU divides by
-    import runtime
-    print(f'runtime (deepseek_moe widths): {runtime.resolve_runtime(expert_widths=(384, 192)).summary()}')
-    print(f'runtime.gpu_peak_flops: {runtime.gpu_peak_flops("cuda")}')
-except Exception as e:
-    print(f'runtime probe failed: {type(e).__name__}: {e}')
-PYEOF
-  echo
-  echo "---- nvidia-smi"
-  nvidia-smi 2>&1 | head -30 | sed 's/^/  /'
-}
-t0="$(now)"
-timeout -k 5 "$CAP_ENV" bash -c "$(declare -f env_report); WORK='$WORK' PY='$PY' REPO='$REPO' env_report" \
-  >"$RES/env.txt" 2>&1
-record env $? "$(elapsed "$t0" "$(now)")" "$CAP_ENV"
-refresh
-
-run_step tests "$CAP_TESTS" "$LOGS/tests.log" \
-  "$PY" -m pytest -v -rs --durations=10 -p no:cacheprovider tests/test_cuda.py
-
-# -----------------------------------------------------------------------------------------------------------
-# 2. bench.py
-
-if [ "$DRY_RUN" = 1 ]; then
-  bench_args=(--device cpu --sizes 1x64 --batch_size 2 --block_size 16 --vocab_size 256 --warmup 1 --rounds 2)
-else
-  bench_args=(--device cuda --sizes 6x384)
-fi
-start_monitor bench
-run_step bench "$CAP_BENCH" "$LOGS/bench.log" "$PY" bench.py "${bench_args[@]}"
-stop_monitor
-
-# -----------------------------------------------------------------------------------------------------------
-# 3. the three 5,000-iteration runs of the quickstart
-
-t0="$(now)"
-data_msg="$(check_data "$DATA_DIR" 2>&1)"
-data_ok=$?
-train_data="$DATA_DIR"
-if [ "$data_ok" -ne 0 ] && [ "$DRY_RUN" = 1 ]; then   # the dry run may go on with random tokens; the real run may not
-  train_data="$WORK/random_data"
-  make_random_data "$train_data"
-  data_msg="real data check FAILED: $data_msg -- the dry run goes on with random tokens in $train_data"
-  data_ok=0
-fi
-echo "$data_msg" >"$LOGS/data.log"
-record data "$([ "$data_ok" -eq 0 ] && echo 0 || echo 1)" "$(elapsed "$t0" "$(now)")" - "$data_msg"
-
-if [ "$DRY_RUN" = 1 ]; then
-  train_args=(--device=cpu --compile=False --n_layer=2 --n_embd=64 --n_head=2 --block_size=32 --batch_size=4
-              --eval_iters=2 --log_interval=5 --warmup_iters=5 --max_iters=20 --lr_decay_iters=20 --eval_interval=10)
-  export OMP_NUM_THREADS=1              # three runs on a 2-core machine
-else
-  train_args=(--device=cuda)            # fail at once rather than start a CPU run of a GPU-sized model
-fi
-
-train_one() {   # train_one CONFIG CAP: one run, its exit code and wall time in $WORK/train_CONFIG.{rc,s}
-  local name="$1" cap="$2" t
-  t="$(now)"
-  timeout -k 5 "$cap" "$PY" train.py "config/$name.py" "${train_args[@]}" "--data_dir=$train_data" \
-    "--out_dir=$RUNS/$name" >"$LOGS/train_$name.log" 2>&1
-  echo $? >"$WORK/train_$name.rc"
-  elapsed "$t" "$(now)" >"$WORK/train_$name.s"
-}
-
-if [ "$data_ok" -ne 0 ]; then
+  echo "$data_msg" >"$LOGS/data.log"
+  record data "$([ "$data_ok" -eq 0 ] && echo 0 || echo 1)" "$(elapsed "$t0" "$(now)")" - "$data_msg"
   for name in $CONFIGS; do
-    record "train $name" - 0 "$CAP_TRAIN" "no data (see the data step)"
-  done
-  refresh
-else
-  start_monitor training
-  if [ "$TRAIN_MODE" = parallel ]; then
-    say "training $CONFIGS side by side, cap ${CAP_TRAIN}s each"
-    pids=()
-    for name in $CONFIGS; do
-      train_one "$name" "$CAP_TRAIN" &
-      pids+=($!)
-    done
-    waited=0
-    while kill -0 "${pids[@]}" 2>/dev/null; do   # while any run is alive: what has finished so far to OUTDIR
-      sleep 2
-      waited=$((waited + 2))
-      [ $((waited % 30)) -eq 0 ] && refresh
-    done
-    wait "${pids[@]}"
-    run_cap="$CAP_TRAIN"
-  else
-    run_cap=$((CAP_TRAIN / 3))
-    for name in $CONFIGS; do
-      say "training $name, cap ${run_cap}s"
-      train_one "$name" "$run_cap"
-    done
-  fi
-  stop_monitor
-  for name in $CONFIGS; do
-    record "train $name" "$(cat "$WORK/train_$name.rc" 2>/dev/null || echo '?')" \
-      "$(cat "$WORK/train_$name.s" 2>/dev/null || echo '?')" "$run_cap" "$train_data"
+    if [ "$data_ok" -ne 0 ]; then
+      record "train $name" - 0 "$CAP_TRAIN" "no data (see the data step)"
+      continue
+    fi
+    start_monitor "train_$name"
+    # dynamo says in the log when it recompiles or breaks the graph: the summary's checks count both
+    run_step "train $name" "$CAP_TRAIN" "$LOGS/train_$name.log" env TORCH_LOGS=recompiles,graph_breaks \
+      "$PY" train.py "config/$name.py" "${TRAIN_ARGS[@]}" "--data_dir=$train_data" "--out_dir=$RUNS/$name"
+    stop_monitor
+    rm -f "$RUNS/$name/ckpt.pt" "$RUNS/$name/ckpt.pt.tmp"     # ~0.8 GB of RAM each; never comes back
   done
   refresh
 fi
 
 # -----------------------------------------------------------------------------------------------------------
-# 4. compare.py on the runs that logged anything
+# scaling: bench.py's expert-count slope, only if the total budget still holds its whole cap
 
-compare_dirs=()
-for name in $CONFIGS; do
-  [ -s "$RUNS/$name/metrics.jsonl" ] && compare_dirs+=("$RUNS/$name")
-done
-if [ "${#compare_dirs[@]}" -gt 0 ]; then
-  run_step compare "$CAP_COMPARE" "$LOGS/compare.log" "$PY" compare.py "${compare_dirs[@]}" --out "$RES/compare"
-else
-  record compare - 0 "$CAP_COMPARE" "no run logged metrics"
+if wanted scaling; then
+  if [ $(( $(left) - RESERVE )) -ge "$CAP_SCALING" ]; then
+    start_monitor scaling
+    run_step scaling "$CAP_SCALING" "$LOGS/scaling.log" "$PY" bench.py "${BENCH_ARGS[@]}" --models dense E=8 E=64 E=256
+    stop_monitor
+  else
+    record scaling - 0 "$CAP_SCALING" \
+      "$(( $(left) - RESERVE ))s of the ${GPU_CHECK_TOTAL}s total left, it needs ${CAP_SCALING}s"
+  fi
 fi
 
 # -----------------------------------------------------------------------------------------------------------
-# 5. the end: summary.md, env.txt, results.tar.gz and nothing else in OUTDIR
+# the end: summary.md, env.txt, results.tar.gz and nothing else in OUTDIR
 
 record total 0 "$(elapsed "$T_START" "$(now)")" - "the whole script"
-refresh
+FINAL=1 refresh
+status=$?
 echo
 cat "$OUT/summary.md"
 echo
@@ -559,3 +458,4 @@ if [ "${KEEP_WORK:-0}" = 1 ]; then
 else
   rm -rf "$WORK"
 fi
+exit "$status"
