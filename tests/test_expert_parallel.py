@@ -1,0 +1,200 @@
+"""Expert parallelism against one process: 2 and 4 gloo processes on the CPU (torch.multiprocessing), each check
+against the same computation done whole in every process (the same seeds give every process every rank's data)."""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from expert_parallel import (clip_gradients, expert_groups, expert_params, full_checkpoint_state, keep_local_experts,
+                             local_optimizer_state, sync_gradients)
+from model import GPT, GPTConfig
+from moe import all_to_all_experts
+from test_moe import CASES, make_layer
+
+
+def spawn(fn, world: int, tmp_path, *args) -> None:
+    """fn(rank, world, *args) in world gloo processes; a failed assert in any of them fails the test."""
+    mp.spawn(_worker, args=(fn, world, str(tmp_path / 'store'), args), nprocs=world)
+
+
+def _worker(rank: int, fn, world: int, store: str, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=world)
+    fn(rank, world, *args)
+    dist.barrier()               # no rank tears the group down while another still uses it (gloo aborts)
+    dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# the exchange
+
+
+def _round_trip(rank: int, world: int) -> None:
+    E, C = 6, 4
+    E_local = E // world
+    all_counts = [torch.randint(0, 4, (E,), generator=torch.Generator().manual_seed(r)) for r in range(world)]
+    counts = all_counts[rank]
+    kept = int(counts.sum())
+    xs = torch.randn(kept + 2, C, generator=torch.Generator().manual_seed(10 + rank))   # + 2 dropped slots
+    xs[:kept, 0] = torch.arange(E).repeat_interleave(counts).float()                   # column 0: the slot's expert
+    xs.requires_grad_()
+    arrived = {}
+
+    def identity_experts(rows, local_counts):
+        arrived['rows'], arrived['counts'] = rows.detach(), local_counts
+        return rows
+
+    ys = all_to_all_experts(xs, counts, identity_experts, dist.group.WORLD)
+    # every rank's slots for my experts, grouped by my expert (its global id in column 0)
+    expected = sum(c[rank * E_local:(rank + 1) * E_local] for c in all_counts)
+    assert torch.equal(arrived['counts'], expected)
+    mine = rank * E_local + torch.arange(E_local).repeat_interleave(expected).float()
+    assert torch.equal(arrived['rows'][:, 0], mine)
+    # identity experts: the slots come back as they left, the dropped ones as zeros; and so do their gradients
+    assert torch.equal(ys[:kept], xs[:kept].detach()) and torch.equal(ys[kept:], torch.zeros(2, C))
+    upstream = torch.randn(ys.shape, generator=torch.Generator().manual_seed(20 + rank))
+    ys.backward(upstream)
+    assert torch.equal(xs.grad[:kept], upstream[:kept]) and torch.equal(xs.grad[kept:], torch.zeros(2, C))
+
+
+# -----------------------------------------------------------------------------
+# one MoE layer: EP against the whole layer
+
+
+def _layer_equals_whole(rank: int, world: int, case: dict, dispatch: str, one_sided: bool = False) -> None:
+    """one_sided: biases that send every token to rank 0's experts, so that rank 1's get no rows at all."""
+    whole = make_layer(dispatch=dispatch, **case)
+    if whole.deepseek:
+        with torch.no_grad():
+            bias = torch.linspace(-0.3, 0.3, whole.n_experts)
+            whole.expert_bias.copy_(bias if not one_sided else (torch.arange(whole.n_experts) < whole.n_experts // world) * 10.0)
+    xs = [torch.randn(2, 10, 16, generator=torch.Generator().manual_seed(r)) for r in range(world)]
+    ups = [torch.randn(2, 10, 16, generator=torch.Generator().manual_seed(100 + r)) for r in range(world)]
+    # the whole layer on every rank's tokens, one rank at a time: outputs, input gradients, and the expert gradients
+    # summed over the ranks' losses (each rank's tokens decide capacity and dropping, as under DDP)
+    ref = []
+    for x, up in zip(xs, ups):
+        x = x.clone().requires_grad_()
+        y, aux = whole(x)
+        ref.append((y.detach(), torch.autograd.grad((y * up).sum(), [x, *whole.parameters()]), aux))
+    ep = make_layer(dispatch=dispatch, **case)
+    ep.load_state_dict(whole.state_dict())
+    keep_local_experts(_Model(ep), dist.group.WORLD)
+    assert ep.w_gate.shape[0] == whole.n_experts // world
+    x = xs[rank].clone().requires_grad_()
+    y, aux = ep(x)
+
+    def close(a, b, what):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{case} {dispatch}, {what}: {m}")
+    close(y, ref[rank][0], 'output')
+    close(aux['dropped_frac'], ref[rank][2]['dropped_frac'], 'dropped share')
+    if case.get('capacity_factor') and case.get('routing') != 'expert_choice':
+        assert aux['dropped_frac'] > 0                # the case really drops slots
+    grads = torch.autograd.grad((y * ups[rank]).sum(), [x, *ep.parameters()])
+    names = [n for n, _ in whole.named_parameters()]
+    E_local = ep.w_gate.shape[0]
+    for name, g, whole_g in zip(names, grads[1:], ref[rank][1][1:]):
+        if name in ('w_gate', 'w_up', 'w_down'):     # this rank's slice of the sum over all ranks' losses
+            want = sum(r[1][1 + names.index(name)] for r in ref)[rank * E_local:(rank + 1) * E_local]
+        else:                                         # replicated: this rank's own loss
+            want = whole_g
+        close(g, want, f'gradient of {name}')
+    close(grads[0], ref[rank][1][0], 'gradient of the input')
+
+
+class _Model(torch.nn.Module):
+    """A single MoE layer seen as a model with one MoE layer (what keep_local_experts walks)."""
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def moe_layers(self):
+        return [self.layer]
+
+
+EP_CASES = [CASES[2], CASES[5], CASES[6], dict(ffn_type='moe', routing='expert_choice', capacity_factor=1.0)]
+
+
+def _exchange_and_layers(rank: int, world: int) -> None:
+    _round_trip(rank, world)
+    for case in EP_CASES:
+        for dispatch in ('grouped', 'loop'):
+            _layer_equals_whole(rank, world, case, dispatch)
+    _layer_equals_whole(rank, world, CASES[5], 'grouped', one_sided=True)
+
+
+def test_all_to_all_round_trip_and_ep_layers_equal_the_whole_layer(tmp_path):
+    """The all-to-all round trip with identity experts returns the slots and their gradients; an EP layer's outputs,
+    input gradients and expert gradients equal the whole layer's: standard MoE with capacity (H > C), DeepSeekMoE
+    (sigmoid, shared experts, biased choice) dropless and with capacity, expert choice; grouped and loop; and a rank
+    whose experts no token chose. One spawn
+    for all (starting 2 processes costs more than the checks)."""
+    spawn(_exchange_and_layers, 2, tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# a whole model: gradients, clipping, AdamW steps and the checkpoint against DDP's
+
+
+def _steps_equal_ddp(rank: int, world: int) -> None:
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, ffn_type='deepseek_moe',
+                    n_dense_layers=1, n_experts=4, top_k=2, expert_hidden=16, n_shared_experts=1, score_func='sigmoid',
+                    seq_aux_coef=0.01)
+    tokens = [torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(r)) for r in range(world)]
+    batches = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]             # (inputs, targets)
+    for ep in (2, world):
+        torch.manual_seed(0)
+        ddp = GPT(cfg)                   # DDP's step, done whole in every process: the mean of every rank's gradient
+        model = copy.deepcopy(ddp)       # the same initial weights, cut to this rank's experts
+        ep_group, replica_group = expert_groups(ep)
+        keep_local_experts(model, ep_group)
+        n_local = sum(p.numel() for p in expert_params(model))
+        assert n_local * ep == sum(p.numel() for p in expert_params(ddp))      # 1/ep of the expert parameters
+        assert model.param_counts() == ddp.param_counts()                       # counted whole
+        opt_ddp = ddp.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
+        opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
+        slot = dist.get_rank(ep_group)
+        experts = {id(p) for p in expert_params(model)}
+        for step in range(2):
+            grads = [torch.autograd.grad(ddp(*b)[1], list(ddp.parameters())) for b in batches]
+            for p, *g in zip(ddp.parameters(), *grads):
+                p.grad = sum(g) / world
+            norm_ddp = torch.nn.utils.clip_grad_norm_(ddp.parameters(), 0.05)      # small: it clips
+            _, loss = model(*batches[rank])
+            loss.backward()
+            sync_gradients(model, replica_group, world)
+            norm = clip_gradients(model, 0.05, ep_group)
+            torch.testing.assert_close(norm, norm_ddp, msg=lambda m: f"ep={ep} step {step}, grad norm: {m}")
+            for (name, p), q in zip(model.named_parameters(), ddp.parameters()):
+                want = q.grad.chunk(ep)[slot] if id(p) in experts else q.grad
+                torch.testing.assert_close(p.grad, want, atol=1e-6, rtol=1e-5, msg=lambda m: f"ep={ep} {name}: {m}")
+            opt_ddp.step()
+            opt.step()
+            opt_ddp.zero_grad()
+            opt.zero_grad()
+        # the checkpoint: whole tensors on rank 0, as the DDP run's; and cut again for a resume. (Adam divides by the
+        # root of the second moment, so a gradient near 0 turns rounding into an update: 1e-5 after two steps)
+        saved = full_checkpoint_state(model, opt, ep_group)
+        if rank == 0:
+            for key, value in ddp.state_dict().items():
+                torch.testing.assert_close(saved[0][key], value, atol=1e-5, rtol=1e-5, msg=lambda m: f"ep={ep} {key}: {m}")
+            for i, state in opt_ddp.state_dict()['state'].items():
+                for key, value in state.items():
+                    torch.testing.assert_close(saved[1]['state'][i][key], value, atol=1e-6, rtol=1e-5)
+        else:
+            assert saved is None
+        local = local_optimizer_state(opt_ddp.state_dict(), opt, model, ep_group)
+        for i, state in opt.state_dict()['state'].items():
+            for key, value in state.items():
+                torch.testing.assert_close(local['state'][i][key], value, atol=1e-6, rtol=1e-5)
+
+
+def test_ep_steps_equal_ddp_s_with_two_and_four_ranks_per_group(tmp_path):
+    """4 processes, expert_parallel 2 (two replicas of each slice: a gradient divided by the replica group's size
+    instead of the world's would take twice DDP's step) and 4: after sync_gradients and clip_gradients every gradient
+    and the clipped norm equal DDP's (the mean over ranks), two AdamW steps give DDP's weights and moments, the
+    checkpoint state holds them whole on rank 0, and a DDP optimizer state cut for this rank is this rank's."""
+    spawn(_steps_equal_ddp, 4, tmp_path)
