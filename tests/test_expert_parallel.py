@@ -10,9 +10,11 @@ import torch.multiprocessing as mp
 
 from expert_parallel import (clip_gradients, expert_groups, expert_params, full_checkpoint_state, keep_local_experts,
                              local_optimizer_state, sync_gradients)
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, load_checkpoint
 from moe import all_to_all_experts
 from test_moe import CASES, make_layer
+from test_train import TINY, data_dir, evals, metrics, run  # noqa: F401 (data_dir: the fixture)
+from train import DEFAULTS, check_settings
 
 
 def spawn(fn, world: int, tmp_path, *args) -> None:
@@ -198,3 +200,67 @@ def test_ep_steps_equal_ddp_s_with_two_and_four_ranks_per_group(tmp_path):
     and the clipped norm equal DDP's (the mean over ranks), two AdamW steps give DDP's weights and moments, the
     checkpoint state holds them whole on rank 0, and a DDP optimizer state cut for this rank is this rank's."""
     spawn(_steps_equal_ddp, 4, tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# train.py under torchrun: an EP run is the DDP run, and their checkpoints open everywhere
+
+
+def torchrun(args: list[str], micro_steps: int = 0):
+    """train.py in 2 gloo processes; micro_steps: the global gradient_accumulation_steps (0: a resume keeps its own)."""
+    return run(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *args,
+                *([f'--gradient_accumulation_steps={micro_steps}'] if micro_steps else [])], timeout=600)
+
+
+def test_ep_run_matches_ddp_and_their_checkpoints_resume_each_other(data_dir, tmp_path):
+    """20 steps of deepseek_moe (bias updates, sequence loss, dropout, 2 micro-steps per rank) with 2 gloo processes:
+    steps 0-10 from scratch under EP and under DDP, then 10-20 with each resuming the other's checkpoint. Losses
+    equal to 1e-4, biases identical on both ranks, each rank holds half the experts, the EP checkpoint holds the
+    experts whole (the DDP one's tensors) and a single process opens it."""
+    common = ['train.py', 'config/deepseek_moe.py', *TINY, f'--data_dir={data_dir}', '--eval_interval=10',
+              '--lr_decay_iters=20', '--log_interval=1', '--dropout=0.1']
+    ep = tmp_path / 'ep'
+    ddp = tmp_path / 'ddp'
+    p = torchrun([*common, f'--out_dir={ep}', '--max_iters=10', '--expert_parallel=2'], micro_steps=4)
+    assert 'each rank holds 15 of the 30 routed experts of every MoE layer' in p.stdout
+    assert 'balancing biases identical on all 2 ranks' in p.stdout
+    torchrun([*common, f'--out_dir={ddp}', '--max_iters=10'], micro_steps=4)
+    a, b = load_checkpoint(str(ep / 'ckpt.pt'))[1], load_checkpoint(str(ddp / 'ckpt.pt'))[1]
+    assert a['model']['transformer.h.0.ffn.w_gate'].shape[0] == 30
+    for key, value in b['model'].items():
+        torch.testing.assert_close(a['model'][key], value, atol=1e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+    for i, state in b['optimizer']['state'].items():
+        for key, value in state.items():
+            torch.testing.assert_close(a['optimizer']['state'][i][key], value, atol=1e-5, rtol=1e-4)
+    # a single process opens the EP checkpoint: its evaluation is the EP run's last
+    run(['train.py', f'--out_dir={ep}', '--init_from=resume', '--eval_only=True'])
+    look = [r for r in evals(ep) if r.get('eval_only')][0]
+    assert look['val_loss'] == pytest.approx(evals(ep)[-2]['val_loss'], abs=1e-4)
+    # each resumes the other's checkpoint: EP from DDP's, DDP from EP's
+    p = torchrun(['train.py', f'--out_dir={ddp}', '--init_from=resume', '--max_iters=20', '--expert_parallel=2'])
+    assert 'balancing biases identical on all 2 ranks' in p.stdout
+    torchrun(['train.py', f'--out_dir={ep}', '--init_from=resume', '--max_iters=20'])
+    def rows(out_dir, steps) -> list[dict]:
+        return [r for r in metrics(out_dir) if r['type'] in ('train', 'eval') and r['iter'] in steps and not r.get('eval_only')]
+    ep_rows = rows(ep, range(11)) + rows(ddp, range(11, 21))        # EP: from scratch, then from DDP's checkpoint
+    ddp_rows = rows(ddp, range(11)) + rows(ep, range(11, 21))       # DDP: from scratch, then from EP's checkpoint
+    assert [(r['type'], r['iter']) for r in ep_rows] == [(r['type'], r['iter']) for r in ddp_rows]
+    assert len([r for r in ep_rows if r['type'] == 'train']) == 20
+    for r, s in zip(ep_rows, ddp_rows):
+        for key in ('loss', 'train_loss', 'val_loss'):
+            if key in r:
+                assert r[key] == pytest.approx(s[key], abs=1e-4), (r, s)
+
+
+def test_expert_parallel_settings_are_checked(data_dir, tmp_path):
+    base = dict(DEFAULTS, ffn_type='moe', n_experts=8)
+    check_settings(dict(base, expert_parallel=4))
+    for bad, message in [(dict(n_experts=30, expert_parallel=4), 'expert_parallel=4 must divide n_experts=30'),
+                         (dict(ffn_type='dense', expert_parallel=2), "ffn_type='dense' has none"),
+                         (dict(expert_parallel=0), 'expert_parallel=0 must be >= 1')]:
+        with pytest.raises(ValueError, match=message):
+            check_settings(dict(base, **bad))
+    p = run(['train.py', 'config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path / "x"}',
+             '--expert_parallel=2'], check=False)
+    assert p.returncode != 0 and 'Traceback' not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert 'expert_parallel=2 must divide the number of processes (1); start them with torchrun' in p.stderr
