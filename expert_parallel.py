@@ -104,7 +104,8 @@ def _expert_positions(optimizer: torch.optim.Optimizer, model: nn.Module) -> set
 
 def _gather(t: Tensor, ep_group: dist.ProcessGroup) -> Tensor | None:
     """The slices (E/ep, ...) of the ranks of ep_group, whole (E, ...), on its first rank (None on the others)."""
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(ep_group))] if dist.get_rank(ep_group) == 0 else None
+    first = dist.get_rank(ep_group) == 0
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(ep_group))] if first else None
     dist.gather(t.contiguous(), parts, group=ep_group, group_dst=0)
     return torch.cat(parts) if parts else None
 

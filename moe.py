@@ -133,7 +133,7 @@ def expert_capacity(n_tokens: int, n_experts: int, top_k: int, capacity_factor: 
 def all_to_all_experts(xs: Tensor, counts: Tensor, experts, group) -> Tensor:
     """Expert parallelism: every token-slot through its expert on the rank that holds it, and back.
 
-    The ep ranks of `group` hold E / ep consecutive experts each (rank j: experts j*E_l ... (j+1)*E_l - 1, E_l = E / ep).
+    The ep ranks of `group` hold E_l = E / ep consecutive experts each (rank j: experts j*E_l ... (j+1)*E_l - 1).
     xs (M, C): this rank's slots sorted by expert, counts (E,) of them per expert (after capacity: the dropped slots,
     at the end of xs, stay here and come back as zeros). experts(rows, local_counts): this rank's E_l experts on rows
     grouped by local expert, local_counts (E_l,) of them each. Returns (M, C): each slot's expert output, in xs's order.

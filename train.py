@@ -474,9 +474,9 @@ if __name__ == '__main__':
               f"active; {tokens_per_iter:,} tokens per iteration")
         if ep_group is not None:
             held = sum(p.numel() for p in expert_params(raw_model))
-            print(f"expert parallel: {world_size // expert_parallel} group(s) of {expert_parallel} ranks; each rank holds "
-                  f"{n_experts // expert_parallel} of the {n_experts} routed experts of every MoE layer ({held:,} of "
-                  f"{held * expert_parallel:,} expert parameters)")
+            print(f"expert parallel: {world_size // expert_parallel} group(s) of {expert_parallel} ranks; each rank "
+                  f"holds {n_experts // expert_parallel} of the {n_experts} routed experts of every MoE layer "
+                  f"({held:,} of {held * expert_parallel:,} expert parameters)")
 
     # -------------------------------------------------------------------------
     # the training loop
@@ -511,7 +511,7 @@ if __name__ == '__main__':
             failure, save = agreed(failure, save)
             if failure:
                 stop(failure)
-            # expert parallelism: the checkpoint's experts (weights and moments) gathered whole to rank 0, every rank sending
+            # expert parallelism: the checkpoint's experts (weights, moments) gathered whole to rank 0, all sending
             gathered = full_checkpoint_state(raw_model, optimizer, ep_group) if save and ep_group is not None else None
             if master:
                 row = {'type': 'eval', 'iter': iter_num, 'tokens': tokens_seen,

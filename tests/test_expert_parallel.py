@@ -2,6 +2,7 @@
 against the same computation done whole in every process (the same seeds give every process every rank's data)."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from expert_parallel import (clip_gradients, expert_groups, expert_params, full_
 from model import GPT, GPTConfig, load_checkpoint
 from moe import all_to_all_experts
 from test_moe import CASES, make_layer
+from conftest import REPO
 from test_train import TINY, data_dir, evals, metrics, run  # noqa: F401 (data_dir: the fixture)
 from train import DEFAULTS, check_settings
 
@@ -71,8 +73,8 @@ def _layer_equals_whole(rank: int, world: int, case: dict, dispatch: str, one_si
     whole = make_layer(dispatch=dispatch, **case)
     if whole.deepseek:
         with torch.no_grad():
-            bias = torch.linspace(-0.3, 0.3, whole.n_experts)
-            whole.expert_bias.copy_(bias if not one_sided else (torch.arange(whole.n_experts) < whole.n_experts // world) * 10.0)
+            rank_0s = (torch.arange(whole.n_experts) < whole.n_experts // world) * 10.0
+            whole.expert_bias.copy_(rank_0s if one_sided else torch.linspace(-0.3, 0.3, whole.n_experts))
     xs = [torch.randn(2, 10, 16, generator=torch.Generator().manual_seed(r)) for r in range(world)]
     ups = [torch.randn(2, 10, 16, generator=torch.Generator().manual_seed(100 + r)) for r in range(world)]
     # the whole layer on every rank's tokens, one rank at a time: outputs, input gradients, and the expert gradients
@@ -182,7 +184,8 @@ def _steps_equal_ddp(rank: int, world: int) -> None:
         saved = full_checkpoint_state(model, opt, ep_group)
         if rank == 0:
             for key, value in ddp.state_dict().items():
-                torch.testing.assert_close(saved[0][key], value, atol=1e-5, rtol=1e-5, msg=lambda m: f"ep={ep} {key}: {m}")
+                torch.testing.assert_close(saved[0][key], value, atol=1e-5, rtol=1e-5,
+                                           msg=lambda m: f"ep={ep} {key}: {m}")
             for i, state in opt_ddp.state_dict()['state'].items():
                 for key, value in state.items():
                     torch.testing.assert_close(saved[1]['state'][i][key], value, atol=1e-6, rtol=1e-5)
@@ -241,7 +244,8 @@ def test_ep_run_matches_ddp_and_their_checkpoints_resume_each_other(data_dir, tm
     assert 'balancing biases identical on all 2 ranks' in p.stdout
     torchrun(['train.py', f'--out_dir={ep}', '--init_from=resume', '--max_iters=20'])
     def rows(out_dir, steps) -> list[dict]:
-        return [r for r in metrics(out_dir) if r['type'] in ('train', 'eval') and r['iter'] in steps and not r.get('eval_only')]
+        return [r for r in metrics(out_dir)
+                if r['type'] in ('train', 'eval') and r['iter'] in steps and not r.get('eval_only')]
     ep_rows = rows(ep, range(11)) + rows(ddp, range(11, 21))        # EP: from scratch, then from DDP's checkpoint
     ddp_rows = rows(ddp, range(11)) + rows(ep, range(11, 21))       # DDP: from scratch, then from EP's checkpoint
     assert [(r['type'], r['iter']) for r in ep_rows] == [(r['type'], r['iter']) for r in ddp_rows]
@@ -264,3 +268,33 @@ def test_expert_parallel_settings_are_checked(data_dir, tmp_path):
              '--expert_parallel=2'], check=False)
     assert p.returncode != 0 and 'Traceback' not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert 'expert_parallel=2 must divide the number of processes (1); start them with torchrun' in p.stderr
+
+
+# -----------------------------------------------------------------------------
+# bench/all_to_all.py: its arithmetic by hand
+
+
+def _bench_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('all_to_all', os.path.join(REPO, 'bench', 'all_to_all.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_all_to_all_arithmetic_by_hand():
+    b = _bench_module()
+    # config/moe.py at train.py's size: 6 MoE layers of 8 experts of 3 x 384 x 768 = 884,736 parameters each
+    assert b.expert_memory(6, 8, 384, 768, 1) == 6 * 8 * 884_736 * 16 == 679_477_248
+    assert b.expert_memory(6, 8, 384, 768, 8) == 679_477_248 / 8
+    # 16,384 tokens x top-2 rows of 384 bf16 values, there and back, forward and backward; half leave at ep = 2
+    assert b.all_to_all_bytes(6, 16_384, 2, 384, 2, 2) == 4 * 6 * 16_384 * 2 * 384 * 2 / 2 == 301_989_888
+    assert b.all_to_all_bytes(6, 16_384, 2, 384, 2, 1) == 0                   # one rank: nothing travels
+    # a ring all-reduce of 42.5M fp32 gradients over 2 ranks sends half of them; nothing when ep = world
+    assert b.expert_allreduce_bytes(6, 8, 384, 768, 1, 2) == 6 * 8 * 884_736 * 4 == 169_869_312
+    assert b.expert_allreduce_bytes(6, 8, 384, 768, 2, 2) == 0
+    # EP's traffic over DDP's (ep = world) is T k b / (6 E H), whatever the width and depth
+    ratio = b.all_to_all_bytes(6, 16_384, 2, 384, 2, 8) / b.expert_allreduce_bytes(6, 8, 384, 768, 1, 8)
+    assert ratio == pytest.approx(16_384 * 2 * 2 / (6 * 8 * 768))
+    assert [b.size(x) for x in (679_477_248, 1.0462e13, 54.49e9, 2.5e5)] == ['679 MB', '10.5 TB', '54.5 GB', '0.25 MB']
+
