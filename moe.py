@@ -140,7 +140,7 @@ def all_to_all_experts(xs: Tensor, counts: Tensor, experts, group) -> Tensor:
     Differentiable: the backward of an all-to-all is the all-to-all of the gradients the other way, so the gradient
     of every rank's loss reaches the experts that served its tokens.
     """
-    import torch.distributed as dist
+    import torch.distributed as dist        # here: the single-process path never touches torch.distributed
     from torch.distributed._functional_collectives import all_to_all_single_autograd
     ep = dist.get_world_size(group)
     send = counts.view(ep, -1)                  # (E,) -> (ep, E_l): send[j, e] slots for local expert e of rank j

@@ -256,6 +256,11 @@ def test_ep_run_matches_ddp_and_their_checkpoints_resume_each_other(data_dir, tm
                 assert r[key] == pytest.approx(s[key], abs=1e-4), (r, s)
 
 
+def test_compare_groups_ep_and_ddp_runs_as_seeds_of_one_experiment():
+    from compare import differing_settings
+    assert differing_settings([dict(DEFAULTS), dict(DEFAULTS, expert_parallel=2)]) == []
+
+
 def test_expert_parallel_settings_are_checked(data_dir, tmp_path):
     base = dict(DEFAULTS, ffn_type='moe', n_experts=8)
     check_settings(dict(base, expert_parallel=4))
