@@ -48,6 +48,24 @@ def prepare_command(dataset: str) -> str:
     return f"python data/{m[1]}/prepare.py --vocab {m[2]}" if m else f"python data/{dataset}/prepare.py"
 
 
+def check_ids_fit(data: dict[str, np.ndarray], meta: dict, data_dir: str, dataset: str) -> None:
+    """Raise ValueError (one line, with the fix) if a split holds an id outside meta.pkl's vocabulary: a GPT-2
+    .bin left beside a compact meta.pkl (or a .bin of a larger --vocab) would index past the embedding, an
+    IndexError on the CPU and a device-side assert on a GPU. One max over each uint16 memmap: it reads the
+    file once (0.05 s for 0.5 GB in the page cache)."""
+    n = meta['vocab_size']
+    for split, ids in data.items():
+        top = int(ids.max())
+        if top >= n:
+            default = os.path.realpath(data_dir) == os.path.realpath(resolve_data_dir('', dataset))
+            fix = (prepare_command(dataset) if default and re.fullmatch(r'.+_v\d+', dataset)
+                   else f"python data/<name>/prepare.py --vocab {n} --out-dir {data_dir}")
+            raise ValueError(f"{os.path.join(data_dir, split + '.bin')} holds token id {top:,}, but the meta.pkl "
+                             f"beside it describes {n:,} ids (0..{n - 1:,}): the .bin files were not written with "
+                             f"this meta.pkl (a GPT-2 .bin left from an earlier prepare.py?); write the folder "
+                             f"again with {fix}")
+
+
 def windows(data: np.ndarray, offsets: np.ndarray, block_size: int, device: str = 'cpu') -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs data[i : i+T] and targets data[i+1 : i+1+T] for every offset i: (B, T) int64 each."""
     x = torch.from_numpy(np.stack([data[i:i + block_size].astype(np.int64) for i in offsets]))

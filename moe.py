@@ -111,7 +111,8 @@ def sequence_balance_loss(scores: Tensor, idx: Tensor, n_experts: int, batch_siz
 
 def grouped_mm_runs(device_type: str, dtype: torch.dtype, compiling: bool, widths: tuple[int, ...] = ()) -> bool:
     """Whether F.grouped_mm takes this device, dtype and these matrix widths (torch 2.10-2.13). CUDA: bfloat16
-    only (and compute capability >= 8.0, which runtime.choose_runtime checks before training). CPU: float32,
+    only (and compute capability >= 8.0, which runtime.choose_runtime checks before training; torch 2.13's source
+    also takes float32 and float16 there in eager mode, earlier releases refused them). CPU: float32,
     bfloat16 and float16 in eager mode, but only bfloat16 when compiled (its meta function demands bf16).
     Never float64, and no other device. Every row stride must be a multiple of 16 bytes: n_embd and
     expert_hidden times the element size (widths). Where it does not run, the MoE layer uses the loop."""
@@ -227,7 +228,9 @@ class MoE(nn.Module):
         """x (N, C) -> scores (N, E), logits (N, E): the affinity of every token to every routed expert.
 
         The router runs in float32 even under bf16 autocast (float64 in a float64 model): top-k near-ties
-        and a bias step of gamma = 1e-3 are below bf16's resolution (about 4e-3 near 0.5).
+        and a bias step of gamma = 1e-3 are below bf16's resolution (about 4e-3 near 0.5). On CUDA that is full
+        float32, not TF32 (whose 10-bit mantissa is nearer bf16's 7 bits than float32's 23): train.py allows TF32
+        only in a --dtype=float32 run, where every matmul takes it, this one included (runtime.Runtime.tf32).
         """
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -241,24 +244,33 @@ class MoE(nn.Module):
         logits (N, E)."""
         scores, logits = self.router_scores(x)
         # top-k of the biased scores: b_i changes WHICH experts are chosen (V3 eq. 16), never the gates
-        idx = (scores + self.expert_bias).topk(self.top_k, dim=-1).indices        # (N, k)
+        idx = self.selection_scores(scores).topk(self.top_k, dim=-1).indices     # (N, k)
+        return self.gate_values(scores, logits, idx), idx, scores, logits
+
+    def selection_scores(self, scores: Tensor) -> Tensor:
+        """What top-k ranks the experts by: s_{i,t} + b_i (V3 eq. 16; b = 0 unless bias balancing is on). (N, E)."""
+        return scores + self.expert_bias
+
+    def gate_values(self, scores: Tensor, logits: Tensor, idx: Tensor) -> Tensor:
+        """The gates of the chosen experts idx (N, k), by this layer's rule. scores, logits (N, E) -> gates (N, k).
+        The rule is the layer's (its training top_k decides it), whatever k idx has: analyze_experts.py evaluates
+        trained layers with other experts chosen (some masked, fewer or more of them) under the same rule."""
         if self.expert_choice:
             # an expert-choice layer evaluated causally: each token by itself takes its top-k experts by the same
             # scores, gated by them as in training (g_{i,t} = S_{t,i}, no renormalisation)
-            gates = scores.gather(1, idx)
-        elif self.deepseek:
+            return scores.gather(1, idx)
+        if self.deepseek:
             gates = scores.gather(1, idx)                     # g_{i,t} = s_{i,t} for i in TopK
             if self.score_func == 'sigmoid':
                 gates = gates / gates.sum(-1, keepdim=True)   # V3 eq. 13: normalise over the chosen
-        elif self.top_k == 1:
+            return gates
+        if self.top_k == 1:
             # Switch Transformer (eq. 2): the one expert's gate is its probability under the full softmax, so
             # the language-model loss reaches the router through it (a softmax over one kept logit is always 1)
-            gates = scores.gather(1, idx)                     # g_t = p_{i,t}, i = argmax
-        else:
-            # standard top-k MoE (GShard, Mixtral): softmax over the kept logits, i.e. softmax(u_t masked to -inf
-            # off the top-k); the masked entries would contribute exp(-inf) = 0, so softmax of the gathered k is it
-            gates = F.softmax(logits.gather(1, idx), dim=-1)
-        return gates, idx, scores, logits
+            return scores.gather(1, idx)                      # g_t = p_{i,t}, i = argmax
+        # standard top-k MoE (GShard, Mixtral): softmax over the kept logits, i.e. softmax(u_t masked to -inf
+        # off the top-k); the masked entries would contribute exp(-inf) = 0, so softmax of the gathered k is it
+        return F.softmax(logits.gather(1, idx), dim=-1)
 
     def route_expert_choice(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Expert choice (Zhou et al. 2022): every expert takes the C token-slots of highest score in each group of
@@ -314,9 +326,14 @@ class MoE(nn.Module):
         """All experts in three grouped matmuls, each row weighted by its gate: g * expert_e(x) for rows xs (M, C)
         sorted by expert, gate (M,), counts (E,) rows per expert."""
         offs = counts.cumsum(0).to(torch.int32)       # end row of each expert's group
+        # An expert that got no rows must get a zero weight gradient. On B200 (sm100) grouped_mm's kernel gave such
+        # an empty group a nonzero one (pytorch#172439, open; not checked against torch 2.13 on a B200 here). The
+        # where passes every busy expert's weights and gradient through unchanged and zeroes an idle one's
+        # gradient whatever the kernel wrote (NaN included); one elementwise pass over the weights, on the device.
+        busy = (counts > 0)[:, None, None]
 
         def gmm(a: Tensor, w: Tensor) -> Tensor:      # rows of group e times w[e]^T
-            return F.grouped_mm(a, w.to(a.dtype).transpose(-2, -1), offs=offs)
+            return F.grouped_mm(a, torch.where(busy, w.to(a.dtype), 0).transpose(-2, -1), offs=offs)
 
         # With capacity, rows past offs[-1] are the dropped slots, and grouped_mm never writes them: not in
         # its output, not in the gradient of its input. Masking xs (so its gradient is masked) and the final
@@ -331,7 +348,9 @@ class MoE(nn.Module):
         """Reference/fallback for _experts_grouped: a loop over experts, each on its contiguous slice of rows.
 
         unbind() gives per-expert views whose backward stacks the gradients once; indexing w[e] in a
-        loop would write a full-size zero gradient per expert (see PYTORCH_NOTES.md).
+        loop would write a zero gradient the size of the whole stacked weight for every expert, O(E^2) memory
+        traffic (one layer's forward + backward on the CPU, torch 2.13, 256 experts: 31x a dense layer of the same
+        active width with w[e], 2.8-3.0x with unbind).
         """
         sizes = counts.tolist()                       # host sync: acceptable on the fallback path only
         sizes.append(xs.shape[0] - sum(sizes))        # dropped slots at the end (0 when dropless)

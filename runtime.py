@@ -68,6 +68,7 @@ class Runtime:
     compile: bool
     moe_dispatch: str        # 'grouped' (F.grouped_mm) | 'loop' (loop over experts)
     grad_scaler: bool        # float16: scale the loss so that small gradients do not underflow
+    tf32: bool               # CUDA float32 matmuls in TF32 (a float32 run only; see choose_runtime)
     where: str               # what the device is: 'NVIDIA T4, sm75', 'Apple GPU', 'no CUDA GPU, no MPS'
     dtype_why: str
     dispatch_why: str
@@ -103,8 +104,8 @@ def choose_runtime(machine: Machine, device: str = 'auto', dtype: str = 'auto', 
         dtype     CUDA: bfloat16 where native (compute capability >= 8.0), else float16 + GradScaler;
                   MPS and CPU: float32 (half-precision causal attention on MPS had correctness bugs)
         compile   CUDA from sm75 (Triton); off on MPS (a prototype) and on the CPU (minutes of compiling)
-        dispatch  grouped where F.grouped_mm has a fast kernel: CUDA sm90/sm100 in bfloat16 (below sm90 it
-                  syncs with the host and loops, pytorch#186620), the CPU in eager mode; else the loop.
+        dispatch  grouped wherever F.grouped_mm takes the dtype (CUDA in bfloat16, the CPU; see below), else
+                  the loop over experts.
     expert_widths: n_embd and expert_hidden of a MoE model (grouped_mm needs 16-byte row strides).
     An impossible request raises ValueError with one line naming what this machine has and the fix."""
     available = ['cpu'] + (['mps'] if machine.mps_available else []) + [f'cuda:{i}' for i in range(len(machine.cuda_gpus))]
@@ -143,8 +144,13 @@ def choose_runtime(machine: Machine, device: str = 'auto', dtype: str = 'auto', 
                          f"use --dtype=float16 (with loss scaling) or float32")
     if device_type == 'mps' and dtype == 'float64':
         raise ValueError("dtype float64 requested, but MPS has no float64; use float32")
+    # TF32 (float32's range, a 10-bit mantissa) speeds up float32 matmuls from sm80, so a float32 run on CUDA takes
+    # it, the router's matmul included. Under bfloat16/float16 autocast every other matmul is half precision already
+    # and the only float32 one is the router's (moe.MoE.router_scores, float32 on purpose), so TF32 stays off there.
+    tf32 = device_type == 'cuda' and dtype == 'float32'
     dtype_why = dtype + (' + GradScaler' if dtype == 'float16' else '') + (
-        ' (no native bfloat16 below sm80)' if cap and dtype == 'float16' and not native_bf16 else '')
+        ' (no native bfloat16 below sm80)' if cap and dtype == 'float16' and not native_bf16 else '') + (
+        ' (TF32 matmuls)' if tf32 else '')
 
     # compile
     if compile not in ('auto', True, False):
@@ -161,7 +167,16 @@ def choose_runtime(machine: Machine, device: str = 'auto', dtype: str = 'auto', 
     else:
         compile_why = f"compile {'on' if compile else 'off'}"
 
-    # MoE dispatch: grouped_mm where it runs (moe.grouped_mm_runs) and is fast, else the loop over experts
+    # MoE dispatch: grouped_mm wherever it runs (moe.grouped_mm_runs), else the loop over experts. On CUDA, read from
+    # torch 2.13's source (GroupedBlas.cpp, GroupedMMUtils.h), not timed on a GPU:
+    #   sm90, sm100 (major 9 or 10), bfloat16: a CUTLASS grouped kernel that reads the offsets on the device.
+    #   any other GPU (A100, RTX 30/40/50, L4, ...): _grouped_mm_fallback copies the offsets to the host, one sync
+    #     per call (3 in a layer's forward, 6 in its backward), then runs one cuBLAS matmul per expert from C++.
+    #   The loop runs the same matmuls with one sync per layer (counts.tolist()), but that sync breaks the compiled
+    #   graph at every MoE layer (10-12 graphs for 2 layers, measured on the CPU), so below sm90 grouped is chosen
+    #   too: one graph, and the same code path as on Hopper. float16 (T4, V100) and compiled float32 take the loop:
+    #   grouped_mm's meta function demands bfloat16 under compile, and some releases before 2.13 refused
+    #   float16 on CUDA ("Expected mat_a to be BFloat16 matrix").
     has_grouped_mm = tuple(int(v) for v in machine.torch_version.split('+')[0].split('.')[:2]) >= (2, 10)
     runs = has_grouped_mm and grouped_mm_runs(device_type, DTYPES[dtype], compile, expert_widths)
     if not has_grouped_mm:
@@ -182,17 +197,17 @@ def choose_runtime(machine: Machine, device: str = 'auto', dtype: str = 'auto', 
     if moe_dispatch == 'grouped' and not runs:
         raise ValueError(f"moe_dispatch='grouped' cannot run here: {cannot}; use --moe_dispatch=auto or loop")
     if moe_dispatch == 'auto':
-        fast = device_type == 'cpu' or (cap is not None and cap[0] in (9, 10))
-        moe_dispatch = 'grouped' if runs and fast else 'loop'
-        dispatch_why = ("MoE dispatch grouped (F.grouped_mm)" if moe_dispatch == 'grouped'
-                        else f"MoE dispatch loop ({cannot})" if not runs
-                        else "MoE dispatch loop (grouped_mm's fast kernel is for sm90/sm100 only; elsewhere it "
-                             "syncs with the host and loops: pytorch#186620)")
+        moe_dispatch = 'grouped' if runs else 'loop'
+        dispatch_why = (f"MoE dispatch loop ({cannot})" if not runs
+                        else "MoE dispatch grouped (F.grouped_mm)" if cap is None
+                        else "MoE dispatch grouped (F.grouped_mm's CUTLASS kernel)" if cap[0] in (9, 10)
+                        else "MoE dispatch grouped (F.grouped_mm: below sm90 a matmul per expert after a host sync "
+                             "per call, pytorch#186620; one compiled graph all the same)")
     else:
         dispatch_why = f"MoE dispatch {moe_dispatch}"
     return Runtime(device=device, device_type=device_type, dtype=dtype, compile=compile, moe_dispatch=moe_dispatch,
-                   grad_scaler=dtype == 'float16', where=where, dtype_why=dtype_why, dispatch_why=dispatch_why,
-                   compile_why=compile_why)
+                   grad_scaler=dtype == 'float16', tf32=tf32, where=where, dtype_why=dtype_why,
+                   dispatch_why=dispatch_why, compile_why=compile_why)
 
 
 def resolve_runtime(device: str = 'auto', dtype: str = 'auto', compile: bool | str = 'auto',

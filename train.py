@@ -8,8 +8,9 @@ Several GPUs (DDP), e.g. 8 on one node:
     torchrun --standalone --nproc_per_node=8 train.py config/deepseek_moe.py
 ... with the routed experts split across them (expert parallelism: expert_parallel.py, docs/expert_parallel.md):
     torchrun --standalone --nproc_per_node=8 train.py config/moe.py --expert_parallel=8
-Continue an interrupted run from its checkpoint, replaying exactly what the uninterrupted run would have done
-(its settings come from the checkpoint; what is given now overrides them):
+Continue an interrupted run from its checkpoint with the batches and dropout masks the uninterrupted run would have
+drawn (bit for bit on the CPU; on CUDA atomics reorder sums, see README's "Resuming"; its settings come from the
+checkpoint, what is given now overrides them):
     python train.py --init_from=resume --out_dir=out-deepseek_moe
 
 The defaults below are the TinyStories comparison: config/*.py change only the FFN, so dense, moe
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from configurator import check_value, config_files, configure
-from dataset import open_data, read_meta, resolve_data_dir, windows
+from dataset import check_ids_fit, open_data, read_meta, resolve_data_dir, windows
 from model import GPT, GPTConfig, model_from_checkpoint, read_checkpoint
 from runtime import gpu_peak_flops, resolve_runtime
 from moe import max_vio
@@ -84,7 +85,11 @@ bias_update_schedule = 'constant'  # 'constant' gamma | 'lr': full gamma through
                                    # (with decay_lr=False the LR stays, and so does gamma)
 routing = 'token_choice'     # 'token_choice' | 'expert_choice' (Zhou et al. 2022; see GPTConfig and README)
 expert_choice_group = 0      # expert choice: tokens an expert chooses among; 0 = the whole batch
-moe_dispatch = 'auto'        # 'auto' (grouped where F.grouped_mm is fast, see runtime.choose_runtime) | 'grouped' | 'loop'
+moe_dispatch = 'auto'        # 'auto' (grouped where F.grouped_mm runs, see runtime.choose_runtime) | 'grouped' | 'loop'
+warn_maxvio = 2.0            # warn when a layer's maxvio_batch stays above this at every step of an eval interval
+                             # (its busiest expert over 3x its even share); 0 = never. Idle experts always warn.
+                             # In results/'s CPU runs 2.0 flags every interval of the runs without balancing and
+                             # none of config/moe.py's or deepseek_moe.py's; 1.0 flagged 2 of 5 moe.py runs early
 # optim: AdamW, linear warmup then cosine decay to min_lr
 learning_rate = 1e-3
 max_iters = 5000
@@ -279,6 +284,51 @@ def rounded(values: torch.Tensor, digits: int = 4) -> list:
     return np.round(values.double().cpu().numpy(), digits).tolist()
 
 
+def collapse_warning(counts: list[list[float]], maxvio_min: list[float], layers: list[int], threshold: float,
+                     first: int, last: int, hint: str) -> str:
+    """One line naming every MoE layer whose routing collapsed over the steps first..last-1 (an eval interval), or ''.
+    counts (L, E): each expert's token-slots summed over the interval; maxvio_min (L,): the smallest maxvio_batch of
+    any of its steps; layers: the block index of each. A layer collapsed if an expert got no tokens at all, or if
+    even its most even step had maxvio_batch > threshold (0: never). hint: which settings help (balancing_hint)."""
+    problems = []
+    for block, layer_counts, low in zip(layers, counts, maxvio_min):
+        idle = [e for e, c in enumerate(layer_counts) if c == 0]
+        found = []
+        if idle:
+            found.append(f"expert{'s' if len(idle) > 1 else ''} {', '.join(map(str, idle))} ({len(idle)} of "
+                         f"{len(layer_counts)}) got no tokens")
+        if threshold > 0 and low > threshold:
+            found.append(f"maxvio_batch above {threshold:g} at every step (lowest {low:.2f})")
+        if found:
+            problems.append(f"layer {block}: " + ' and '.join(found))
+    if not problems:
+        return ''
+    return f"warning: expert collapse in iterations {first}-{last - 1}: " + '; '.join(problems) + f". {hint}"
+
+
+def balancing_hint(s: dict) -> str:
+    """What helps a collapsing router, given the run's settings s: balancing switched on, or made stronger."""
+    on = [f"{k}={s[k]:g}" for k in ('bias_update_speed', 'balance_loss_coef', 'aux_loss_coef', 'seq_aux_coef')
+          if s[k] > 0]
+    if not on:
+        return ("Balancing is off: set bias_update_speed (auxiliary-loss-free, e.g. 0.001-0.01) or balance_loss_coef "
+                "(the Switch loss, e.g. 0.01); README 'Balance' compares them")
+    return (f"Balancing ({', '.join(on)}) is too weak or too slow here: raise bias_update_speed (auxiliary-loss-free) "
+            f"or balance_loss_coef (the Switch loss); README 'Balance' compares them")
+
+
+def wandb_scalars(row: dict, layers: list[int]) -> dict[str, float]:
+    """The numbers of a metrics.jsonl row as wandb keys: its scalars as they are, and each per-layer list as one key
+    per MoE layer, named by block index (maxvio_batch/layer3). An eval row's maxvio_batch and dropped_frac are means
+    over the steps since the previous eval: 'eval_' keeps them apart from the train row of the same iteration."""
+    out = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+    for key in ('maxvio_batch', 'dropped_frac', 'maxvio_global'):
+        if key in row:
+            name = f"eval_{key}" if row['type'] == 'eval' and key != 'maxvio_global' else key
+            out.update({f"{name}/layer{block}": value for block, value in zip(layers, row[key])})
+    return out
+
+
 def all_finite(tensors) -> bool:
     """True if no tensor holds a NaN or an infinity (one host sync for all of them)."""
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
@@ -306,6 +356,8 @@ if __name__ == '__main__':
         data = open_data(data_path, config['dataset'], config['block_size'])
         meta_path = os.path.join(data_path, 'meta.pkl')
         meta = read_meta(meta_path) if os.path.isfile(meta_path) else None
+        if meta:
+            check_ids_fit(data, meta, data_path, config['dataset'])
         gpt2_ids = meta['gpt2_ids'] if meta else None      # recorded in the checkpoint, for sample.py and compare.py
         if checkpoint is not None and checkpoint.get('data', {}).get('gpt2_ids') != gpt2_ids:
             was = checkpoint.get('data', {}).get('gpt2_ids')
@@ -353,9 +405,8 @@ if __name__ == '__main__':
     # the initial weights (DDP then copies rank 0's to every rank; under expert parallelism every rank builds the same
     # full model from the seed and keeps its slice of the experts)
     torch.manual_seed(seed)
-    if device_type == 'cuda':
+    if runtime.tf32:                     # a float32 run on CUDA only: never the router of a bf16/fp16 run
         torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     # -------------------------------------------------------------------------
     # data, model, optimizer, checkpoint
@@ -404,6 +455,7 @@ if __name__ == '__main__':
     # expert_parallel.sync_gradients makes both kinds of gradient DDP's after the backward
     moe_layers = len(raw_model.moe_layer_ids())
     counts_shape = (moe_layers, raw_model.config.n_experts if moe_layers else 0)
+    layer_ids = raw_model.moe_layer_ids()          # block index of each MoE layer: names it in wandb and warnings
     peak_flops = gpu_peak_flops(device) if device_type == 'cuda' else None
     params = raw_model.param_counts()
 
@@ -437,7 +489,15 @@ if __name__ == '__main__':
         with open(metrics_path, 'a') as f:
             f.write(json.dumps(row) + '\n')
         if wandb_log:
-            wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row['iter'])
+            log = wandb_scalars(row, layer_ids)
+            if row['type'] == 'eval' and 'expert_counts' in row:
+                # each expert's share of the layer's token-slots since the previous eval, as a histogram over
+                # expert ids (wandb shows how it changes from eval to eval)
+                for block, counts in zip(layer_ids, row['expert_counts']):
+                    shares = np.asarray(counts) / max(sum(counts), 1)
+                    log[f"expert_share/layer{block}"] = wandb.Histogram(
+                        np_histogram=(shares, np.arange(len(counts) + 1)))
+            wandb.log(log, step=row['iter'])
 
     def stop(message: str) -> None:
         """End this process with the message. Under DDP every rank calls it at the same point (the decision is
@@ -483,6 +543,7 @@ if __name__ == '__main__':
     # since the last eval: expert load (token-slots), the sum of every step's MaxVio, dropped share
     eval_counts = torch.zeros(counts_shape, device=device)
     eval_maxvio, eval_dropped, eval_steps = torch.zeros(moe_layers, device=device), torch.zeros(moe_layers, device=device), 0
+    eval_maxvio_min = torch.full((moe_layers,), math.inf, device=device)     # each layer's most even step
     t_start = time.time()
     t_last_eval, iter_last_eval, tokens_last_eval = time.time(), iter_num, tokens_seen
     resumed_at = iter_num if init_from == 'resume' else -1
@@ -512,7 +573,7 @@ if __name__ == '__main__':
             if failure:
                 stop(failure)
             # expert parallelism: the checkpoint's experts (weights, moments) gathered whole to rank 0, all sending
-            gathered = full_checkpoint_state(raw_model, optimizer, ep_group) if save and ep_group is not None else None
+            full_state = full_checkpoint_state(raw_model, optimizer, ep_group) if save and ep_group is not None else None
             if master:
                 row = {'type': 'eval', 'iter': iter_num, 'tokens': tokens_seen,
                        'train_loss': round(losses['train'], 5), 'val_loss': round(losses['val'], 5), 'lr': lr,
@@ -536,17 +597,23 @@ if __name__ == '__main__':
                         row['expert_counts'] = eval_counts.tolist()
                         row['maxvio_batch'] = rounded(eval_maxvio / eval_steps)     # mean of the per-step MaxVio
                         row['dropped_frac'] = rounded(eval_dropped / eval_steps, 5)
+                        warning = collapse_warning(row['expert_counts'], eval_maxvio_min.tolist(), layer_ids,
+                                                   warn_maxvio, iter_num - eval_steps, iter_num, balancing_hint(config))
+                        if warning:
+                            row['warning'] = warning
                 write_metrics(row)
                 print(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                       + (f" (leaky: {losses['val_leaky']:.4f})" if 'val_leaky' in losses else "")
                       + (f", maxvio_global {np.mean(row['maxvio_global']):.3f}" if moe_layers else "")
                       + (f", maxvio_batch {np.mean(row['maxvio_batch']):.3f}" if 'maxvio_batch' in row else ""))
+                if 'warning' in row:
+                    print(row['warning'])
                 # the checkpoint holds the best model so far, and the last one at the end (to resume from);
                 # an eval_only run only looks. Tensors, numbers, strings, lists and dicts only: it loads with
                 # torch.load(weights_only=True), so opening one never runs code (model.read_checkpoint)
                 if save:
                     best_val_loss = min(best_val_loss, losses['val'])
-                    model_state, optimizer_state = gathered or (raw_model.state_dict(), optimizer.state_dict())
+                    model_state, optimizer_state = full_state or (raw_model.state_dict(), optimizer.state_dict())
                     save_checkpoint({
                         'model': model_state, 'optimizer': optimizer_state,
                         'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
@@ -564,6 +631,7 @@ if __name__ == '__main__':
                     t_timed += eval_s                                # nor in the run-time estimate
             eval_counts.zero_()
             eval_maxvio.zero_()
+            eval_maxvio_min.fill_(math.inf)
             eval_dropped.zero_()
             eval_steps = 0
         if eval_only:
@@ -617,6 +685,7 @@ if __name__ == '__main__':
             step_maxvio = max_vio(step_counts)             # MaxVio_batch of this step (all ranks), per layer
             eval_counts += step_counts
             eval_maxvio += step_maxvio
+            torch.minimum(eval_maxvio_min, step_maxvio, out=eval_maxvio_min)
             eval_dropped += step_dropped
             eval_steps += 1
 
@@ -668,6 +737,8 @@ if __name__ == '__main__':
         if master:
             write_metrics({'type': 'expert_selection', 'iter': iter_num, 'layers': raw_model.moe_layer_ids(),
                            'tokens': X.numel(), 'counts': aux['expert_counts'].tolist()})
+    if master and wandb_log:
+        wandb.finish()             # flush now: a run started inside another program (a test) ends here, not at its exit
     if ddp:
         if moe_layers:   # the all-reduced counts must have kept every rank's biases identical
             bias = torch.stack([m.expert_bias for m in raw_model.moe_layers()])

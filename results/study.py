@@ -5,6 +5,7 @@ checkpoint, and each finished run's metrics.jsonl is copied to <study>/runs/<nam
 
     python results/study.py results/cpu/runs.txt                 # cores 0 and 1, in the file's order
     python results/study.py results/balance/runs.txt --cpus 1    # one core
+    python results/study.py results/cpu/runs.txt --only deepseek_moe,moe   # those groups' runs only
 
 A runs file holds one run per line: its name, then train.py's arguments (config files, --key=value); '#' starts
 a comment. Run directories (checkpoints) go to out-study/<study>/<name>/ and their logs beside them. On Linux
@@ -18,6 +19,7 @@ import fcntl
 import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +28,11 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get('SHARED', os.path.join(REPO, '..', 'shared'))
+
+
+def run_group(name: str) -> str:
+    """The group of a run: its name without the trailing -s<seed> ('deepseek_moe' for deepseek_moe-s3)."""
+    return re.sub(r'-s\d+$', '', name)
 
 
 def read_runs(path: str) -> list[tuple[str, list[str]]]:
@@ -122,12 +129,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('runs', help="a runs file, results/<study>/runs.txt")
     parser.add_argument('--cpus', default='0,1', help="the cores to run on, one run per core (default 0,1)")
+    parser.add_argument('--only', default='', help="comma-separated groups (run names without -s<seed>) to run, "
+                                                    "e.g. deepseek_moe,moe; default: every run of the file")
     args = parser.parse_args()
     study = os.path.basename(os.path.dirname(os.path.abspath(args.runs)))
     try:
         runs = read_runs(args.runs)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
+    if args.only:
+        only = args.only.split(',')
+        unknown = sorted(set(only) - {run_group(name) for name, _ in runs})
+        if unknown:
+            sys.exit(f"error: --only names {', '.join(unknown)}, which {args.runs} has no runs of")
+        runs = [(name, run_args) for name, run_args in runs if run_group(name) in only]
     prepare_data()
     lock = threading.Lock()
 

@@ -291,3 +291,21 @@ def test_compile_does_not_recompile_as_routing_changes(kind):
     assert torch.isfinite(loss)
     assert counters['stats']['unique_graphs'] == 1
     assert not counters['recompiles'] and not counters['graph_break']
+
+
+def test_the_compiled_loop_breaks_the_graph_at_the_moe_layers():
+    """Why runtime.choose_runtime takes grouped_mm below sm90 too: the expert loop needs its counts on the host
+    (counts.tolist()), which ends the graph there, so a compiled model is many graphs (one with grouped_mm, above)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny('moe', moe_dispatch='loop')
+    idx = torch.randint(0, 256, (4, 16))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        _, loss, _ = torch.compile(model, backend='eager')(idx, idx, return_aux=True)
+    loss.backward()
+    breaks = {reason.splitlines()[0] for reason in counters['graph_break']}
+    assert counters['stats']['unique_graphs'] >= 2 * model.config.n_layer, dict(counters['stats'])
+    assert any('Data dependent operator' in b for b in breaks), breaks
+    torch._dynamo.reset()

@@ -13,6 +13,8 @@ H100 = Machine(TORCH, (('NVIDIA H100 80GB HBM3', (9, 0)),), cuda_built=True)
 A100 = Machine(TORCH, (('NVIDIA A100-SXM4-40GB', (8, 0)),), cuda_built=True)
 RTX4090 = Machine(TORCH, (('NVIDIA GeForce RTX 4090', (8, 9)),), cuda_built=True)
 T4 = Machine(TORCH, (('Tesla T4', (7, 5)),), cuda_built=True)
+B200 = Machine(TORCH, (('NVIDIA B200', (10, 0)),), cuda_built=True)
+RTX5090 = Machine(TORCH, (('NVIDIA GeForce RTX 5090', (12, 0)),), cuda_built=True)
 V100 = Machine(TORCH, (('Tesla V100-SXM2-16GB', (7, 0)),), cuda_built=True)
 MAC = Machine('2.13.0', mps_available=True)
 CPU = Machine('2.13.0+cpu')
@@ -20,8 +22,10 @@ CPU = Machine('2.13.0+cpu')
 
 @pytest.mark.parametrize('machine, device, dtype, dispatch, compile, scaler', [
     (H100, 'cuda', 'bfloat16', 'grouped', True, False),   # grouped_mm's CUTLASS kernel: Hopper, bf16
-    (A100, 'cuda', 'bfloat16', 'loop', True, False),      # grouped_mm runs, but syncs and loops below sm90
-    (RTX4090, 'cuda', 'bfloat16', 'loop', True, False),
+    (B200, 'cuda', 'bfloat16', 'grouped', True, False),   # and Blackwell (sm100)
+    (A100, 'cuda', 'bfloat16', 'grouped', True, False),   # below sm90 grouped_mm syncs and loops, in one graph
+    (RTX4090, 'cuda', 'bfloat16', 'grouped', True, False),
+    (RTX5090, 'cuda', 'bfloat16', 'grouped', True, False),  # sm120: the fallback too
     (T4, 'cuda', 'float16', 'loop', True, True),          # no native bf16: float16 with loss scaling
     (V100, 'cuda', 'float16', 'loop', False, True),       # Triton dropped Volta
     (MAC, 'mps', 'float32', 'loop', False, False),        # no MPS kernel for grouped_mm; compile is a prototype
@@ -40,7 +44,17 @@ def test_the_line_a_t4_user_sees():
     assert choose_runtime(T4).summary() == (
         "device cuda (Tesla T4, sm75): float16 + GradScaler (no native bfloat16 below sm80), "
         "MoE dispatch loop (grouped_mm needs bfloat16 on CUDA), compile on")
-    assert 'pytorch#186620' in choose_runtime(A100).dispatch_why
+
+
+
+@pytest.mark.parametrize('machine, kernel', [(H100, 'CUTLASS kernel'), (B200, 'CUTLASS kernel'),
+                                             (A100, 'host sync'), (RTX4090, 'host sync'), (RTX5090, 'host sync')])
+def test_grouped_below_sm90_says_what_it_costs(machine, kernel):
+    """Below sm90 the compiled loop broke the graph at every MoE layer; grouped_mm keeps one graph there, at a host
+    sync per call inside the op (its fallback). The line says which of the two kernels a GPU gets."""
+    rt = choose_runtime(machine)
+    assert rt.moe_dispatch == 'grouped' and kernel in rt.dispatch_why, rt.dispatch_why
+    assert choose_runtime(machine, moe_dispatch='loop').moe_dispatch == 'loop'
 
 
 @pytest.mark.parametrize('machine, request_, chosen', [
@@ -93,6 +107,15 @@ def test_grouped_mm_needs_16_byte_row_strides():
     assert choose_runtime(H100, expert_widths=(64, 36)).moe_dispatch == 'loop'            # 72 bytes in bf16
     with pytest.raises(ValueError, match=re.escape('expert_hidden (64, 36) to be multiples of 8 in bfloat16')):
         choose_runtime(H100, moe_dispatch='grouped', expert_widths=(64, 36))
+
+
+def test_tf32_only_in_a_float32_cuda_run():
+    """Under bf16/fp16 autocast the router's float32 matmul is the only float32 one, and TF32 would cut its mantissa
+    to 10 bits: train.py turned TF32 on for every CUDA run. Now only where the run itself is float32."""
+    assert not choose_runtime(H100).tf32 and not choose_runtime(A100).tf32 and not choose_runtime(T4).tf32
+    assert choose_runtime(H100, dtype='float32').tf32
+    assert 'float32 (TF32 matmuls)' in choose_runtime(A100, dtype='float32').summary()
+    assert not choose_runtime(CPU).tf32 and not choose_runtime(MAC).tf32 and not choose_runtime(H100, device='cpu').tf32
 
 
 def test_where_says_what_the_device_is():

@@ -75,3 +75,23 @@ def test_one_run_serves_the_cpu_and_the_balance_study():
     assert defaults
     for name in defaults:
         assert balance[name] == cpu[name.replace('default', 'deepseek_moe')]
+
+
+def test_run_group_is_the_name_without_its_seed():
+    assert [study.run_group(n) for n in ('deepseek_moe-s3', 'moe-s10', 'aux_1e-2-s1', 'dense')] == \
+        ['deepseek_moe', 'moe', 'aux_1e-2', 'dense']
+
+
+def test_only_runs_the_named_groups_and_refuses_an_unknown_one(tmp_path, monkeypatch, capsys):
+    runs = tmp_path / 'study' / 'runs.txt'
+    runs.parent.mkdir()
+    runs.write_text("moe-s1 config/moe.py\ndense-s1 config/dense.py\nmoe-s2 config/moe.py --seed=2\n")
+    trained = []
+    monkeypatch.setattr(study, 'prepare_data', lambda: None)
+    monkeypatch.setattr(study, 'run_one', lambda name, args, s, cpu, log: trained.append(name) or 'done')
+    monkeypatch.setattr(sys, 'argv', ['study.py', str(runs), '--cpus', '0', '--only', 'moe'])
+    study.main()
+    assert trained == ['moe-s1', 'moe-s2']
+    monkeypatch.setattr(sys, 'argv', ['study.py', str(runs), '--only', 'moe,deepseek_moe'])
+    with pytest.raises(SystemExit, match='--only names deepseek_moe'):
+        study.main()

@@ -306,8 +306,9 @@ def test_resume_is_exact(config, data_dir, tmp_path):
         assert rb['train_loss'] == pytest.approx(ra['train_loss'], abs=1e-4)
     ma, _ = load_checkpoint(str(tmp_path / 'a' / 'ckpt.pt'))
     mb, _ = load_checkpoint(str(tmp_path / 'b' / 'ckpt.pt'))
-    for la, lb in zip(ma.moe_layers(), mb.moe_layers()):         # the balancing biases resumed too
-        torch.testing.assert_close(la.expert_bias, lb.expert_bias, atol=1e-6, rtol=0)
+    # on the CPU (one process, the same thread count) bit for bit: every weight and balancing bias equal
+    for name, value in ma.state_dict().items():
+        assert torch.equal(value, mb.state_dict()[name]), name
     if config == 'deepseek_moe':
         assert ma.moe_layers()[0].expert_bias.abs().sum() > 0
 
@@ -717,3 +718,148 @@ def test_gpt2_data_needs_gpt2_s_vocabulary_without_a_scan(tmp_path):
         json.dump({'tokenizer': 'tiktoken gpt2', 'vocab_size': 50257}, f)
     p = run(['train.py', 'config/dense.py', *TINY, f'--data_dir={d}', f'--out_dir={tmp_path / "x"}'], check=False)
     assert p.returncode != 0 and 'vocab_size=128 is smaller than the data needs: it holds token ids up to 50256' in p.stderr
+
+
+def run_in_process(argv: list[str], monkeypatch) -> None:
+    """python train.py ARGV inside this process (no second torch import): a user error is a SystemExit."""
+    import runpy
+    monkeypatch.setattr(sys, 'argv', ['train.py', *argv])
+    monkeypatch.chdir(REPO)
+    runpy.run_path(os.path.join(REPO, 'train.py'), run_name='__main__')
+
+
+def test_a_stale_gpt2_bin_beside_a_compact_meta_pkl_is_one_line(tmp_path, monkeypatch):
+    """GPT-2 ids (up to 50,256) beside a compact meta.pkl of 300 ids, as a kill between prepare.py --vocab's renames
+    leaves them: train.py took vocab_size 300 from meta.pkl and crashed in the embedding (IndexError; a device-side
+    assert on a GPU). It must check the ids first and say how to rewrite the folder."""
+    import pickle
+    d = random_token_data(tmp_path / 'data', 50257, 3000)
+    with open(os.path.join(d, 'meta.pkl'), 'wb') as f:
+        pickle.dump({'vocab_size': 300, 'gpt2_ids': list(range(256)) + list(range(1000, 1043)) + [50256]}, f)
+    args = ['config/dense.py', *[a for a in TINY if not a.startswith('--vocab_size')], f'--data_dir={d}',
+            f'--out_dir={tmp_path / "out"}', '--max_iters=2']
+    with pytest.raises(SystemExit) as e:
+        run_in_process(args, monkeypatch)
+    message = str(e.value)
+    assert message.startswith(f"error: {d}/train.bin holds token id 5") and '\n' not in message, message
+    assert "describes 300 ids (0..299)" in message
+    assert message.endswith(f"write the folder again with python data/<name>/prepare.py --vocab 300 --out-dir {d}")
+    assert not os.path.exists(tmp_path / 'out' / 'ckpt.pt')
+
+
+def test_the_balancing_bias_follows_bias_update_schedule(data_dir, tmp_path, monkeypatch):
+    """config/deepseek_moe.py sets bias_update_schedule='lr': after the warmup each step's gamma is scaled by the LR's
+    decay. With an eval after every step, each eval row holds one step's expert counts, so the biases at the end must
+    be the sum over steps of gamma * scale_t * sign(mean_t - load_t), computed here from those counts; under
+    'constant' (what train.py did when it ignored the schedule) the sum differs."""
+    from train import bias_update_scale
+    out = tmp_path / 'out'
+    run_in_process(['config/deepseek_moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=5',
+                    '--warmup_iters=2', '--lr_decay_iters=5', '--eval_interval=1', '--eval_iters=1'], monkeypatch)
+    steps = [(r['iter'] - 1, np.array(r['expert_counts'], dtype=np.float64)) for r in evals(out) if 'expert_counts' in r]
+    assert [it for it, _ in steps] == list(range(5))
+
+    def biases(schedule: str) -> np.ndarray:
+        total = 0.0
+        for it, counts in steps:
+            lr = get_lr(it, 3e-3, 2, 5, 3e-4)
+            scale = bias_update_scale(schedule, it, lr, 3e-3, 2)
+            total = total + 0.01 * scale * np.sign(counts.mean(-1, keepdims=True) - counts)   # (layers, E)
+        return total
+    model, _ = load_checkpoint(str(out / 'ckpt.pt'))
+    final = np.stack([m.expert_bias.double().numpy() for m in model.moe_layers()])
+    np.testing.assert_allclose(final, biases('lr'), atol=1e-6, rtol=0)
+    assert np.abs(final - biases('constant')).max() > 1e-3
+
+
+# -----------------------------------------------------------------------------
+# watching the experts: the collapse warning and the per-layer wandb keys
+
+
+def test_collapse_warning_by_hand():
+    from train import collapse_warning
+    hint = 'HINT'
+    # two layers (blocks 1 and 3), four experts: an even interval says nothing
+    assert collapse_warning([[5, 5, 5, 5], [4, 6, 5, 5]], [0.1, 0.3], [1, 3], 2.0, 0, 100, hint) == ''
+    # block 3's experts 0 and 2 got nothing over iterations 100-199
+    assert collapse_warning([[5, 5, 5, 5], [0, 10, 0, 10]], [0.1, 1.0], [1, 3], 2.0, 100, 200, hint) == (
+        "warning: expert collapse in iterations 100-199: layer 3: experts 0, 2 (2 of 4) got no tokens. HINT")
+    # block 1 above the threshold at its most even step; threshold 0 never warns about it
+    line = collapse_warning([[17, 1, 1, 1], [5, 5, 5, 5]], [2.4, 0.0], [1, 3], 2.0, 0, 50, hint)
+    assert line == ("warning: expert collapse in iterations 0-49: layer 1: maxvio_batch above 2 at every step "
+                    "(lowest 2.40). HINT")
+    assert collapse_warning([[17, 1, 1, 1]], [2.4], [1], 0, 0, 50, hint) == ''
+    # both in one layer, one expert idle
+    assert collapse_warning([[20, 0, 1, 1]], [2.5], [0], 2.0, 0, 10, hint) == (
+        "warning: expert collapse in iterations 0-9: layer 0: expert 1 (1 of 4) got no tokens and maxvio_batch above 2 "
+        "at every step (lowest 2.50). HINT")
+
+
+def test_balancing_hint_names_what_is_on():
+    from train import balancing_hint
+    off = {**DEFAULTS}
+    assert balancing_hint(off).startswith('Balancing is off: set bias_update_speed')
+    assert balancing_hint({**DEFAULTS, 'bias_update_speed': 0.001, 'seq_aux_coef': 1e-4}).startswith(
+        'Balancing (bias_update_speed=0.001, seq_aux_coef=0.0001) is too weak or too slow here: raise '
+        'bias_update_speed')
+
+
+def test_wandb_scalars_by_hand():
+    from train import wandb_scalars
+    train_row = {'type': 'train', 'iter': 10, 'loss': 2.5, 'maxvio_batch': [0.5, 1.5], 'dropped_frac': [0.0, 0.1]}
+    assert wandb_scalars(train_row, [1, 3]) == {
+        'iter': 10, 'loss': 2.5, 'maxvio_batch/layer1': 0.5, 'maxvio_batch/layer3': 1.5,
+        'dropped_frac/layer1': 0.0, 'dropped_frac/layer3': 0.1}
+    eval_row = {'type': 'eval', 'iter': 10, 'val_loss': 2.6, 'maxvio_global': [0.2, 0.4], 'maxvio_batch': [0.6, 1.0],
+                'expert_counts': [[1, 2], [3, 4]], 'warning': 'text'}
+    assert wandb_scalars(eval_row, [1, 3]) == {
+        'iter': 10, 'val_loss': 2.6, 'maxvio_global/layer1': 0.2, 'maxvio_global/layer3': 0.4,
+        'eval_maxvio_batch/layer1': 0.6, 'eval_maxvio_batch/layer3': 1.0}
+
+
+def test_a_collapsing_router_warns_and_wandb_gets_every_layer(data_dir, tmp_path, monkeypatch, capsys):
+    """config/moe.py with its balancing losses off and every router biased to experts 0 and 1 from the start: at each
+    eval the run prints one warning line naming the layers, the idle experts and what helps. The same run logs to
+    wandb offline: per MoE layer maxvio_batch, maxvio_global, the dropped share, and the expert shares at evals."""
+    wandb = pytest.importorskip('wandb')
+    import model as model_module
+    init = model_module.GPT.__init__
+
+    def collapsed(self, config):
+        init(self, config)
+        for layer in self.moe_layers():
+            layer.expert_bias[2:] = -10.0            # softmax scores lie in [0, 1]: only experts 0 and 1 are chosen
+    monkeypatch.setattr(model_module.GPT, '__init__', collapsed)
+    logged = []                                      # what train.py hands wandb (wandb.init rebinds wandb.log)
+    log = wandb.Run.log
+    monkeypatch.setattr(wandb.Run, 'log',
+                        lambda run, row, step=None: (logged.append((step, row)), log(run, row, step=step)))
+    for name, value in (('WANDB_MODE', 'offline'), ('WANDB_DIR', str(tmp_path)), ('WANDB_CONSOLE', 'off'),
+                        ('WANDB_SILENT', 'true')):
+        monkeypatch.setenv(name, value)
+    out = tmp_path / 'out'
+    run_in_process(['config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=4',
+                    '--lr_decay_iters=8', '--eval_interval=2', '--eval_iters=1', '--log_interval=1',
+                    '--balance_loss_coef=0', '--z_loss_coef=0', '--wandb_log=True'], monkeypatch)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith('warning:')]
+    assert len(warnings) == 2, warnings                  # the evals at 2 and 4; none at 0 (no steps yet)
+    assert warnings[0] == (
+        "warning: expert collapse in iterations 0-1: layer 0: experts 2, 3, 4, 5, 6, 7 (6 of 8) got no tokens and "
+        "maxvio_batch above 2 at every step (lowest 3.00); layer 1: experts 2, 3, 4, 5, 6, 7 (6 of 8) got no tokens "
+        "and maxvio_batch above 2 at every step (lowest 3.00). Balancing is off: set bias_update_speed "
+        "(auxiliary-loss-free, e.g. 0.001-0.01) or balance_loss_coef (the Switch loss, e.g. 0.01); README 'Balance' "
+        "compares them")
+    assert [r['warning'] for r in evals(out) if 'warning' in r] == warnings
+    # wandb: every layer's numbers, named by block
+    keys = set().union(*(row for _, row in logged))
+    for key in ('maxvio_batch', 'dropped_frac', 'maxvio_global', 'eval_maxvio_batch', 'eval_dropped_frac',
+                'expert_share'):
+        assert {f'{key}/layer0', f'{key}/layer1'} <= keys, (key, sorted(keys))
+    shares = [(step, row['expert_share/layer1']) for step, row in logged if 'expert_share/layer1' in row]
+    assert [step for step, _ in shares] == [2, 4] and isinstance(shares[0][1], wandb.Histogram)
+    assert shares[0][1].histogram == pytest.approx([0.5, 0.5, 0, 0, 0, 0, 0, 0])
+    # and they reached the offline run's file (written out when wandb's service stops: at exit, or here)
+    wandb.teardown()
+    [run_file] = (tmp_path / 'wandb').glob('offline-run-*/run-*.wandb')
+    data = run_file.read_bytes()
+    assert b'eval_maxvio_batch/layer1' in data and b'expert_share/layer0' in data
