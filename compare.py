@@ -142,9 +142,11 @@ def load_run(run_dir: str) -> dict | None:
 
 # Settings that do not change the experiment, left out when deciding whether two runs are seeds of one
 # group: the seed itself, where and how a run is saved, logged or resumed, and how the same model is
-# computed (torch.compile, the MoE dispatch path, the device). Every other setting must be equal.
+# computed (torch.compile, the MoE dispatch path, the device, the experts split over processes: expert_parallel's
+# updates are DDP's). Every other setting must be equal.
 IGNORED_SETTINGS = ('seed', 'out_dir', 'init_from', 'eval_only', 'always_save_checkpoint', 'log_interval',
-                    'wandb_log', 'wandb_project', 'wandb_run_name', 'compile', 'moe_dispatch', 'device')
+                    'wandb_log', 'wandb_project', 'wandb_run_name', 'compile', 'moe_dispatch', 'device',
+                    'expert_parallel')
 
 
 def differing_settings(configs: list[dict]) -> list[str]:

@@ -225,15 +225,18 @@ class GPT(nn.Module):
         return [self.transformer.h[i].ffn for i in self.moe_layer_ids()]
 
     def param_counts(self) -> dict[str, int]:
-        """Total and active (used per token) parameters, without the position embeddings (as nanoGPT).
+        """Total and active (used per token) parameters of the whole model (under expert parallelism, the experts
+        other ranks hold included), without the position embeddings (as nanoGPT).
         Active = total minus the routed experts a token does not visit: (E - k) experts per MoE layer. Under expert
         choice a token visits capacity_factor * k experts on average in training (k when evaluated token by token);
         the training average is counted, so that MFU counts the FLOPs trained."""
         total = sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
         inactive = 0
         for m in self.moe_layers():
+            per_expert = m.w_gate[0].numel() + m.w_up[0].numel() + m.w_down[0].numel()
+            total += (m.n_experts - m.w_gate.shape[0]) * per_expert   # expert parallelism: the experts held elsewhere
             visited = min(m.n_experts, m.top_k * m.capacity_factor) if m.expert_choice else m.top_k
-            inactive += round((m.n_experts - visited) * (m.w_gate[0].numel() + m.w_up[0].numel() + m.w_down[0].numel()))
+            inactive += round((m.n_experts - visited) * per_expert)
         return {'total': total, 'active': total - inactive}
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, return_aux: bool = False):

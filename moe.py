@@ -10,7 +10,9 @@ router that sends every token to only `top_k` of them. Read it in this order:
    grouped matmul, weight by the gates and add back (in training, optionally dropping slots past the
    capacity);
 4. `MoE.forward`: route + dispatch + shared experts + the auxiliary losses and routing statistics;
-5. `MoE.update_bias`: DeepSeek-V3's auxiliary-loss-free balancing, called once per optimizer step.
+5. `MoE.update_bias`: DeepSeek-V3's auxiliary-loss-free balancing, called once per optimizer step;
+6. `all_to_all_experts`: expert parallelism, the slots sent to experts that live on other ranks and back
+   (expert_parallel.py sets it up: which rank holds which experts, gradients, checkpoints).
 
 Standard MoE and DeepSeekMoE share every line of routing and dispatch. They differ only in
 (a) how gates are computed from the scores, (b) which balancing is on, (c) shared experts, and
@@ -129,6 +131,39 @@ def expert_capacity(n_tokens: int, n_experts: int, top_k: int, capacity_factor: 
     return max(1, math.ceil(capacity_factor * top_k * n_tokens / n_experts))
 
 
+def all_to_all_experts(xs: Tensor, counts: Tensor, experts, group) -> Tensor:
+    """Expert parallelism: every token-slot through its expert on the rank that holds it, and back.
+
+    The ep ranks of `group` hold E_l = E / ep consecutive experts each (rank j: experts j*E_l ... (j+1)*E_l - 1).
+    xs (M, C): this rank's slots sorted by expert, counts (E,) of them per expert (after capacity: the dropped slots,
+    at the end of xs, stay here and come back as zeros). experts(rows, local_counts): this rank's E_l experts on rows
+    grouped by local expert, local_counts (E_l,) of them each. Returns (M, C): each slot's expert output, in xs's order.
+    Differentiable: the backward of an all-to-all is the all-to-all of the gradients the other way, so the gradient
+    of every rank's loss reaches the experts that served its tokens.
+    """
+    import torch.distributed as dist        # here: the single-process path never touches torch.distributed
+    from torch.distributed._functional_collectives import all_to_all_single_autograd
+    ep = dist.get_world_size(group)
+    send = counts.view(ep, -1)                  # (E,) -> (ep, E_l): send[j, e] slots for local expert e of rank j
+    # 1. the counts: recv[j, e] = the slots rank j sends to my local expert e
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    # The host sync: all_to_all_single takes its split sizes as Python ints (each rank must size its receive buffer
+    # before the rows arrive), so .tolist() waits here for the device to finish routing. Once per MoE layer and
+    # forward; the backward reuses these splits. Megatron-LM and torchtitan sync at the same point.
+    send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
+    # 2. dispatch: each slot to the rank holding its expert; rows arrive grouped by source rank, then by expert
+    rows = all_to_all_single_autograd(xs[:sum(send_splits)], recv_splits, send_splits, group)   # (M_in, C)
+    # 3. regroup the arrivals by local expert (stable: by source rank within an expert), run the local experts,
+    #    and put the outputs back in arrival order (argsort of a permutation is its inverse)
+    local = torch.arange(send.shape[1], device=xs.device).repeat(ep)          # expert of each (source, expert) block
+    order = torch.argsort(local.repeat_interleave(recv.flatten(), output_size=rows.shape[0]), stable=True)
+    out = experts(rows.index_select(0, order), recv.sum(0)).index_select(0, torch.argsort(order))
+    # 4. combine: the outputs back to the slots' own ranks, the same splits the other way
+    ys = all_to_all_single_autograd(out, send_splits, recv_splits, group)    # (M_kept, C)
+    return torch.cat([ys, ys.new_zeros(xs.shape[0] - ys.shape[0], ys.shape[1])])        # dropped slots: 0
+
+
 def gated_down(h: Tensor, gate: Tensor, down, out_width: int) -> Tensor:
     """g * W_down(h) for rows h (M, H) with gates g (M,), the gate multiplied where it costs least: g * W_down(h) =
     W_down(g * h), so on the H-wide hidden rows when H < C (DeepSeekMoE's fine-grained experts: 64 columns, not
@@ -178,6 +213,9 @@ class MoE(nn.Module):
         # DeepSeekMoE: shared experts see every token. They are an ordinary dense SwiGLU of width
         # n_shared * expert_hidden (the sum of n_shared SwiGLU experts is exactly that), built by model.py.
         self.shared_experts = shared_experts
+        # expert parallelism: the process group of the ranks that share this layer's routed experts, each holding a
+        # slice of w_gate/w_up/w_down (expert_parallel.keep_local_experts sets both); None = every expert is here
+        self.ep_group = None
         # Auxiliary-loss-free balancing bias b_i (DeepSeek-V3 eq. 16). A buffer: saved in checkpoints,
         # never touched by the optimizer; changed only by update_bias().
         self.register_buffer('expert_bias', torch.zeros(E))
@@ -340,9 +378,17 @@ class MoE(nn.Module):
         # 'grouped' or 'auto': one grouped matmul where grouped_mm takes this dtype here, else the loop
         widths = (x.shape[1], self.w_gate.shape[1])         # n_embd, expert_hidden: the matrices' row strides
         if self.dispatch_impl != 'loop' and grouped_mm_runs(x.device.type, dtype, torch.compiler.is_compiling(), widths):
-            ys = self._experts_grouped(xs, gate, counts, keep)
+            experts = self._experts_grouped
         else:
-            ys = self._experts_loop(xs, gate, counts, keep)
+            experts = self._experts_loop
+        if self.ep_group is None:
+            ys = experts(xs, gate, counts, keep)
+        else:
+            # expert parallelism: the owners run the experts ungated (gate 1); the gates multiply the outputs here,
+            # on the token's rank, so the router's gradient never travels
+            def local_experts(rows: Tensor, local_counts: Tensor) -> Tensor:
+                return experts(rows, torch.ones_like(rows[:, 0]), local_counts, None)
+            ys = all_to_all_experts(xs, counts, local_experts, self.ep_group) * gate[:, None]
         # combine: add every slot's weighted output into its token's row (index_add_ measured fastest on the CPU,
         # against gathering back by the inverse permutation and summing over k: bench/RESULTS.md)
         y = torch.zeros(x.shape[0], x.shape[1], device=x.device, dtype=ys.dtype).index_add_(0, token, ys)

@@ -6,6 +6,8 @@ One GPU or the CPU:
     python train.py config/moe.py --max_iters=100 --compile=False
 Several GPUs (DDP), e.g. 8 on one node:
     torchrun --standalone --nproc_per_node=8 train.py config/deepseek_moe.py
+... with the routed experts split across them (expert parallelism: expert_parallel.py, docs/expert_parallel.md):
+    torchrun --standalone --nproc_per_node=8 train.py config/moe.py --expert_parallel=8
 Continue an interrupted run from its checkpoint with the batches and dropout masks the uninterrupted run would have
 drawn (bit for bit on the CPU; on CUDA atomics reorder sums, see README's "Resuming"; its settings come from the
 checkpoint, what is given now overrides them):
@@ -32,6 +34,8 @@ from dataset import check_ids_fit, open_data, read_meta, resolve_data_dir, windo
 from model import GPT, GPTConfig, model_from_checkpoint, read_checkpoint
 from runtime import gpu_peak_flops, resolve_runtime
 from moe import max_vio
+from expert_parallel import (clip_gradients, expert_groups, expert_params, full_checkpoint_state, keep_local_experts,
+                             local_optimizer_state, sync_gradients)
 
 # -----------------------------------------------------------------------------
 # default settings (config files and --key=value override them)
@@ -102,6 +106,8 @@ device = 'auto'              # 'auto' (cuda, else mps, else cpu) | 'cpu' | 'cuda
 dtype = 'auto'               # 'auto' (see runtime.choose_runtime) | 'float32' | 'bfloat16' | 'float16' | 'float64'
 compile = 'auto'             # 'auto' (on for CUDA GPUs from sm75) | True | False: torch.compile the model
 seed = 1337
+expert_parallel = 1          # under torchrun: the ranks that split every MoE layer's routed experts between them, each
+                             # holding n_experts / expert_parallel (1 = off: every rank holds every expert, DDP)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]
@@ -133,6 +139,15 @@ def check_settings(s: dict) -> None:
         raise ValueError(f"bias_update_schedule must be 'constant' or 'lr', got {s['bias_update_schedule']!r}")
     if s['init_from'] not in ('scratch', 'resume'):
         raise ValueError(f"init_from must be 'scratch' or 'resume', got {s['init_from']!r}")
+    ep = s['expert_parallel']
+    if ep < 1:
+        raise ValueError(f"expert_parallel={ep} must be >= 1 (1 = off)")
+    if ep > 1 and s['ffn_type'] == 'dense':
+        raise ValueError(f"expert_parallel={ep} splits the routed experts, and ffn_type='dense' has none; "
+                         f"use --expert_parallel=1")
+    if ep > 1 and s['n_experts'] % ep:
+        raise ValueError(f"expert_parallel={ep} must divide n_experts={s['n_experts']}: each rank holds "
+                         f"n_experts / expert_parallel routed experts")
     group = s['expert_choice_group']
     if s['routing'] == 'expert_choice' and group > 0 and (s['batch_size'] * s['block_size']) % group:
         raise ValueError(f"expert_choice_group={group} must divide the {s['batch_size'] * s['block_size']} tokens of a "
@@ -148,7 +163,9 @@ def resume_settings(saved: dict, model_args: dict, argv: list[str], out_dir: str
         if key in DEFAULTS:                                  # settings of an older version may be gone
             base[key] = check_value(key, value, DEFAULTS)
     base['out_dir'] = out_dir
-    for key in ('init_from', 'eval_only'):                   # what one invocation does, not what the run is
+    # what one invocation does, not what the run is (expert_parallel: how its processes share the experts; the
+    # checkpoint holds them whole, so any number of processes resumes it)
+    for key in ('init_from', 'eval_only', 'expert_parallel'):
         base[key] = DEFAULTS[key]
     settings = configure(DEFAULTS, argv, base=base)
     for key in SHAPE_KEYS:
@@ -377,9 +394,17 @@ if __name__ == '__main__':
         gradient_accumulation_steps //= world_size
     else:
         rank, world_size = 0, 1
+    if world_size % expert_parallel:
+        sys.exit(f"error: expert_parallel={expert_parallel} must divide the number of processes ({world_size}); "
+                 f"start them with torchrun --nproc_per_node=N, N a multiple of {expert_parallel}")
+    if expert_parallel > 1 and runtime.grad_scaler:
+        sys.exit(f"error: expert_parallel needs --dtype=bfloat16 or float32, not {dtype}: float16's loss scaler skips "
+                 f"a step when a gradient overflows, and under expert parallelism each rank sees only its own experts'")
     master = rank == 0
     tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
-    torch.manual_seed(seed)              # the initial weights (DDP then copies rank 0's to every rank)
+    # the initial weights (DDP then copies rank 0's to every rank; under expert parallelism every rank builds the same
+    # full model from the seed and keeps its slice of the experts)
+    torch.manual_seed(seed)
     if runtime.tf32:                     # a float32 run on CUDA only: never the router of a bf16/fp16 run
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -396,11 +421,18 @@ if __name__ == '__main__':
             model = GPT(GPTConfig(**model_args))
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    ep_group = replica_group = None
+    if expert_parallel > 1:             # cut before moving: only this rank's experts reach its device
+        ep_group, replica_group = expert_groups(expert_parallel)
+        keep_local_experts(model, ep_group)
     model.to(device, dtype=torch.float64 if dtype == 'float64' else None)
     iter_num, best_val_loss, scaler_state, tokens_seen = 0, float('inf'), None, 0
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
     if checkpoint is not None:
-        load_optimizer_state(optimizer, checkpoint['optimizer'])
+        optimizer_state = checkpoint['optimizer']
+        if ep_group is not None:        # the checkpoint holds the experts' moments whole: this rank's slice of them
+            optimizer_state = local_optimizer_state(optimizer_state, optimizer, model, ep_group)
+        load_optimizer_state(optimizer, optimizer_state)
         iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
         # the tokens trained on so far: a resume may change the batch size, so they are counted, not derived
         tokens_seen = checkpoint.get('tokens_seen', iter_num * tokens_per_iter)
@@ -413,10 +445,14 @@ if __name__ == '__main__':
     raw_model = model
     if compile:
         model = torch.compile(model)
-    eval_model = model                   # evaluation runs on rank 0 only: never through DDP's collectives
-    if ddp:
+    # evaluation runs on rank 0 only, never through DDP's collectives; under expert parallelism every rank evaluates
+    # (the same batches), as every rank holds some of the experts
+    eval_model = model
+    if ddp and ep_group is None:
         # the balancing biases are buffers kept equal on all ranks by the all-reduced counts: no broadcast
         model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
+    # under expert parallelism no DDP wrapper: it would average the expert gradients over all ranks, a wrong update;
+    # expert_parallel.sync_gradients makes both kinds of gradient DDP's after the backward
     moe_layers = len(raw_model.moe_layer_ids())
     counts_shape = (moe_layers, raw_model.config.n_experts if moe_layers else 0)
     layer_ids = raw_model.moe_layer_ids()          # block index of each MoE layer: names it in wandb and warnings
@@ -469,13 +505,15 @@ if __name__ == '__main__':
         sys.exit(f"error: {message}; stopping. The last good checkpoint (if any) is untouched in {ckpt_path}; "
                  f"try a lower learning_rate or grad_clip")
 
-    def agreed(message: str) -> str:
-        """Under DDP, rank 0's verdict of an evaluation ('' = go on) for every rank: only rank 0 evaluates."""
+    def agreed(failure: str, save: bool) -> tuple[str, bool]:
+        """Under several processes, one verdict of an evaluation for every rank: the first failure a rank found ('' = go
+        on) and rank 0's decision to save. Under DDP only rank 0 evaluates; under expert parallelism every rank does,
+        checks its own experts, and takes part in gathering the checkpoint."""
         if ddp:
-            box = [message]
-            dist.broadcast_object_list(box, src=0)
-            message = box[0]
-        return message
+            verdicts = [None] * world_size
+            dist.all_gather_object(verdicts, (failure, save))
+            failure, save = next((f for f, _ in verdicts if f), ''), verdicts[0][1]
+        return failure, save
 
     if master:
         os.makedirs(out_dir, exist_ok=True)
@@ -494,6 +532,11 @@ if __name__ == '__main__':
             print(vocab_line)
         print(f"{raw_model.config.ffn_type}: {params['total'] / 1e6:.2f}M parameters, {params['active'] / 1e6:.2f}M "
               f"active; {tokens_per_iter:,} tokens per iteration")
+        if ep_group is not None:
+            held = sum(p.numel() for p in expert_params(raw_model))
+            print(f"expert parallel: {world_size // expert_parallel} group(s) of {expert_parallel} ranks; each rank "
+                  f"holds {n_experts // expert_parallel} of the {n_experts} routed experts of every MoE layer "
+                  f"({held:,} of {held * expert_parallel:,} expert parameters)")
 
     # -------------------------------------------------------------------------
     # the training loop
@@ -517,7 +560,7 @@ if __name__ == '__main__':
         last = iter_num >= max_iters
         if eval_only or ((iter_num % eval_interval == 0 or last) and iter_num != resumed_at):
             failure, save = '', False
-            if master:
+            if master or ep_group is not None:
                 elapsed = time.time() - t_last_eval
                 losses, val_counts = estimate_loss()
                 save = (losses['val'] < best_val_loss or always_save_checkpoint or last) and not eval_only and iter_num > 0
@@ -526,9 +569,11 @@ if __name__ == '__main__':
                                f"val {losses['val']}); nothing was saved")
                 elif save and not all_finite(raw_model.state_dict().values()):
                     failure = f"non-finite weights at iteration {iter_num}; nothing was saved"
-            failure = agreed(failure)
+            failure, save = agreed(failure, save)
             if failure:
                 stop(failure)
+            # expert parallelism: the checkpoint's experts (weights, moments) gathered whole to rank 0, all sending
+            full_state = full_checkpoint_state(raw_model, optimizer, ep_group) if save and ep_group is not None else None
             if master:
                 row = {'type': 'eval', 'iter': iter_num, 'tokens': tokens_seen,
                        'train_loss': round(losses['train'], 5), 'val_loss': round(losses['val'], 5), 'lr': lr,
@@ -568,8 +613,9 @@ if __name__ == '__main__':
                 # torch.load(weights_only=True), so opening one never runs code (model.read_checkpoint)
                 if save:
                     best_val_loss = min(best_val_loss, losses['val'])
+                    model_state, optimizer_state = full_state or (raw_model.state_dict(), optimizer.state_dict())
                     save_checkpoint({
-                        'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                        'model': model_state, 'optimizer': optimizer_state,
                         'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
                         'tokens_seen': tokens_seen, 'config': config, 'config_files': run_files,
                         # the data and the vocabulary of its ids (None: GPT-2's): sample.py decodes with it
@@ -601,8 +647,8 @@ if __name__ == '__main__':
         torch.manual_seed(step_seed(seed, rank, iter_num))     # this step's dropout masks
         for micro_step in range(gradient_accumulation_steps):
             X, Y = get_batch(data['train'], batch_size, block_size, rng, device)
-            # DDP: all-reduce the gradients only on the last micro-step
-            sync = not ddp or micro_step == gradient_accumulation_steps - 1
+            # DDP: all-reduce the gradients only on the last micro-step (expert parallelism: sync_gradients, below)
+            sync = not ddp or ep_group is not None or micro_step == gradient_accumulation_steps - 1
             with (nullcontext() if sync else model.no_sync()), autocast:
                 _, loss, aux = model(X, Y, return_aux=True)
                 loss = loss / gradient_accumulation_steps        # the mean over micro-steps
@@ -611,6 +657,8 @@ if __name__ == '__main__':
                                         loss.detach().float() * gradient_accumulation_steps]) / gradient_accumulation_steps
             step_counts += aux['expert_counts']
             step_dropped += aux['dropped_frac'] / gradient_accumulation_steps
+        if ep_group is not None:
+            sync_gradients(raw_model, replica_group, world_size)   # every gradient DDP's (expert_parallel.py)
         if ddp:          # the mean over all ranks; a NaN on any rank reaches every rank, so all stop together
             dist.all_reduce(step_losses)
             step_losses /= world_size
@@ -619,7 +667,10 @@ if __name__ == '__main__':
             stop(f"non-finite loss at iteration {iter_num} (lr {lr:.2e})")
         if grad_clip > 0:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            if ep_group is not None:     # the norm of the whole model's gradient, the experts of every rank in it
+                clip_gradients(raw_model, grad_clip, ep_group)
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -677,14 +728,15 @@ if __name__ == '__main__':
 
     # -------------------------------------------------------------------------
     # the end: expert selection on a fixed validation batch (the comparison's histograms), dropless
-    if master and moe_layers and not eval_only:
+    if (master or ep_group is not None) and moe_layers and not eval_only:        # EP: every rank holds some experts
         offsets = np.linspace(0, len(data['val']) - block_size - 1, batch_size).astype(np.int64)  # fixed windows
         X, Y = windows(data['val'], offsets, block_size, device)
         eval_model.eval()
         with torch.no_grad(), autocast:
             _, _, aux = eval_model(X, Y, return_aux=True)
-        write_metrics({'type': 'expert_selection', 'iter': iter_num, 'layers': raw_model.moe_layer_ids(),
-                       'tokens': X.numel(), 'counts': aux['expert_counts'].tolist()})
+        if master:
+            write_metrics({'type': 'expert_selection', 'iter': iter_num, 'layers': raw_model.moe_layer_ids(),
+                           'tokens': X.numel(), 'counts': aux['expert_counts'].tolist()})
     if master and wandb_log:
         wandb.finish()             # flush now: a run started inside another program (a test) ends here, not at its exit
     if ddp:
