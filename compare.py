@@ -299,7 +299,7 @@ def t_975(df: int) -> float:
 
 
 def leak_row(group: dict) -> dict | None:
-    """An expert-choice group's two final validation losses (README "Expert choice"): val_loss routes each token by
+    """An expert-choice group's two final validation losses (results/expert_choice/README.md): val_loss routes each token by
     itself (causal), val_loss_leaky by expert choice over each batch as in training, which reads later tokens. The
     leak = leaky - causal, per run, then its mean and 95% interval over the runs. None for other groups."""
     numbers = [run_numbers(r) for r in group['runs']]

@@ -9,7 +9,7 @@ Several GPUs (DDP), e.g. 8 on one node:
 ... with the routed experts split across them (expert parallelism: expert_parallel.py, docs/expert_parallel.md):
     torchrun --standalone --nproc_per_node=8 train.py config/moe.py --expert_parallel=8
 Continue an interrupted run from its checkpoint with the batches and dropout masks the uninterrupted run would have
-drawn (bit for bit on the CPU; on CUDA atomics reorder sums, see README's "Resuming"; its settings come from the
+drawn (bit for bit on the CPU; on CUDA atomics reorder sums, see docs/resuming.md; its settings come from the
 checkpoint, what is given now overrides them):
     python train.py --init_from=resume --out_dir=out-deepseek_moe
 
@@ -83,7 +83,7 @@ bias_update_rule = 'sign'    # 'sign' (DeepSeek-V3) | 'proportional' (Wang et al
 bias_recenter = False        # re-centre the biases to mean 0 after each update (changes no routing decision)
 bias_update_schedule = 'constant'  # 'constant' gamma | 'lr': full gamma through the warmup, then decayed as the LR is
                                    # (with decay_lr=False the LR stays, and so does gamma)
-routing = 'token_choice'     # 'token_choice' | 'expert_choice' (Zhou et al. 2022; see GPTConfig and README)
+routing = 'token_choice'     # 'token_choice' | 'expert_choice' (Zhou et al. 2022; see GPTConfig and docs/moe_math.md)
 expert_choice_group = 0      # expert choice: tokens an expert chooses among; 0 = the whole batch
 moe_dispatch = 'auto'        # 'auto' (grouped where F.grouped_mm runs, see runtime.choose_runtime) | 'grouped' | 'loop'
 warn_maxvio = 2.0            # warn when a layer's maxvio_batch stays above this at every step of an eval interval
@@ -312,9 +312,9 @@ def balancing_hint(s: dict) -> str:
           if s[k] > 0]
     if not on:
         return ("Balancing is off: set bias_update_speed (auxiliary-loss-free, e.g. 0.001-0.01) or balance_loss_coef "
-                "(the Switch loss, e.g. 0.01); README 'Balance' compares them")
+                "(the Switch loss, e.g. 0.01); results/balance/README.md compares them")
     return (f"Balancing ({', '.join(on)}) is too weak or too slow here: raise bias_update_speed (auxiliary-loss-free) "
-            f"or balance_loss_coef (the Switch loss); README 'Balance' compares them")
+            f"or balance_loss_coef (the Switch loss); results/balance/README.md compares them")
 
 
 def wandb_scalars(row: dict, layers: list[int]) -> dict[str, float]:

@@ -7,7 +7,7 @@ to the dispatch pays, on the machine it is meant for.
     git show 77767b0:moe.py > /tmp/moe_before.py
     python bench/ab_moe.py /tmp/moe_before.py moe.py --rounds 30
 
-Forward + backward of one layer on 16 x 128 tokens at n_embd 128, one thread (the CPU size of README "Results").
+Forward + backward of one layer on 16 x 128 tokens at n_embd 128, one thread (the CPU size, config/tinystories_cpu.py).
 Both versions must take MoE(config, shared_experts) and return (y, aux) from forward(x).
 """
 

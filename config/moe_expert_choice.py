@@ -3,7 +3,7 @@
 # the batch it scores highest, so every expert gets exactly C and a token gets 2 experts on average (0 to 8), with no
 # balancing loss. Total and active parameters are config/moe.py's. Not causal: which tokens an expert takes depends
 # on later tokens, so train.py evaluates it token by token (val_loss) and, for the demonstration, as trained
-# (val_loss_leaky). README "Expert choice" measures the leak.
+# (val_loss_leaky). results/expert_choice/README.md measures the leak.
 out_dir = 'out-moe_expert_choice'
 ffn_type = 'moe'
 routing = 'expert_choice'

@@ -2,7 +2,7 @@
 # fine-grained expert segmentation (m = 4): its 8 experts of width 2*n_embd become 32 of width n_embd/2,
 # and top_k = 2 * 4 = 8, so total (32 * n_embd/2 = 16 n_embd) and active (8 * n_embd/2 = 4 n_embd) hidden
 # units stay those of config/moe.py. Everything else as config/moe.py: softmax gates over the kept,
-# Switch load-balancing loss, router z-loss, capacity factor 1.25. Rung 1 of the ladder in README "Results".
+# Switch load-balancing loss, router z-loss, capacity factor 1.25. Rung 1 of the ladder in results/cpu/README.md.
 out_dir = 'out-moe_finegrained'
 ffn_type = 'moe'
 n_experts = 32

@@ -1,4 +1,4 @@
-# config/tinystories_cpu_gpt2.py: the first CPU study's size (README "Results", the GPT-2-vocabulary study;
+# config/tinystories_cpu_gpt2.py: the first CPU study's size (results/cpu_gpt2/README.md, the GPT-2-vocabulary study;
 # results/cpu_gpt2/), kept so that study reruns: 4 layers, 128 wide, 700 iterations, on GPT-2 tokens
 # (data/tinystories/). Its 50,304-way output layer is ~85% of a step; config/tinystories_cpu.py replaced it.
 # Put it BEFORE the FFN config so the FFN widths scale with n_embd:
@@ -6,7 +6,7 @@
 dataset = 'tinystories'
 vocab_size = 50304
 device = 'cpu'
-compile = False            # eager on the CPU: see README, "torch.compile"
+compile = False            # eager on the CPU: see docs/hardware.md
 n_layer = 4
 n_head = 4
 n_embd = 128

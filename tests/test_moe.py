@@ -411,7 +411,7 @@ def test_ladder_configs_add_deepseekmoe_s_ideas_rung_by_rung():
     assert (shared.n_shared_experts, shared.n_experts, shared.top_k, shared.expert_hidden) == (2, 30, 6, fine.expert_hidden)
     assert (shared.ffn_type, shared.balance_loss_coef, shared.capacity_factor) == ('moe', moe.balance_loss_coef, moe.capacity_factor)
     # rung 3: the same experts, balanced without an auxiliary loss; with it come DeepSeek-V3's other choices,
-    # which README "Results" names: sigmoid gates renormalised over the chosen, no capacity, no z-loss
+    # which results/cpu/README.md names: sigmoid gates renormalised over the chosen, no capacity, no z-loss
     assert (ds.n_shared_experts, ds.n_experts, ds.top_k, ds.expert_hidden) == (2, 30, 6, fine.expert_hidden)
     assert ds.balance_loss_coef == 0 and ds.bias_update_speed > 0
     assert (ds.ffn_type, ds.score_func, ds.capacity_factor, ds.z_loss_coef) == ('deepseek_moe', 'sigmoid', 0.0, 0.0)

@@ -847,8 +847,8 @@ def test_a_collapsing_router_warns_and_wandb_gets_every_layer(data_dir, tmp_path
         "warning: expert collapse in iterations 0-1: layer 0: experts 2, 3, 4, 5, 6, 7 (6 of 8) got no tokens and "
         "maxvio_batch above 2 at every step (lowest 3.00); layer 1: experts 2, 3, 4, 5, 6, 7 (6 of 8) got no tokens "
         "and maxvio_batch above 2 at every step (lowest 3.00). Balancing is off: set bias_update_speed "
-        "(auxiliary-loss-free, e.g. 0.001-0.01) or balance_loss_coef (the Switch loss, e.g. 0.01); README 'Balance' "
-        "compares them")
+        "(auxiliary-loss-free, e.g. 0.001-0.01) or balance_loss_coef (the Switch loss, e.g. 0.01); "
+        "results/balance/README.md compares them")
     assert [r['warning'] for r in evals(out) if 'warning' in r] == warnings
     # wandb: every layer's numbers, named by block
     keys = set().union(*(row for _, row in logged))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The first CPU study of README "Results" (the GPT-2-vocabulary study, results/cpu_gpt2/README.md): every config
+# The first CPU study (the GPT-2-vocabulary study, results/cpu_gpt2/README.md): every config
 # at config/tinystories_cpu_gpt2.py's size, on the GPT-2 tokens of the TinyStories sample in ../shared/data,
 # several seeds each, then compare.py. Resumable: finished runs are skipped, interrupted ones resume.
 #
