@@ -53,6 +53,8 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 
 def config_of(*argv: str) -> GPTConfig:
     """The model that python train.py <argv> builds: config files and --key=value through the configurator."""
+    # train.py is where every setting's default lives (nanoGPT's way: a reader changes a default where the loop uses
+    # it); importing it runs only those assignments and the helper definitions, its loop sits under __main__
     from train import DEFAULTS, MODEL_KEYS
     settings = configure(DEFAULTS, list(argv))
     return GPTConfig(**{k: settings[k] for k in MODEL_KEYS})

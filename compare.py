@@ -203,7 +203,9 @@ def group_runs(runs: list[dict]) -> list[dict]:
     counts as train.py's default, the value it ran with. name is the runs' label; groups that would share one get the
     settings that tell them apart appended ('moe [learning_rate=0.002]'). label adds the count of runs
     ('deepseek_moe (3 seeds)')."""
-    from train import DEFAULTS       # a setting newer than a run took its default there: the run behaved so
+    # a setting newer than a run took its default there: the run behaved so. train.py is where every default lives
+    # (one place, beside the loop that uses it); importing it runs only assignments and definitions (loop: __main__)
+    from train import DEFAULTS
     groups = []
     for run in runs:
         # the settings as given, with the dtype the run really used ('auto' differs from machine to machine)

@@ -24,8 +24,7 @@ import sys
 
 import torch
 
-from model import read_checkpoint
-from train import save_checkpoint
+from model import read_checkpoint, save_checkpoint
 
 OLD_RNG_KEYS = ('torch_rng_state', 'cuda_rng_state', 'numpy_rng_state', 'python_rng_state')
 AUX_COEFS = ('aux_loss_coef', 'balance_loss_coef', 'z_loss_coef', 'seq_aux_coef')

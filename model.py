@@ -1,7 +1,7 @@
 """
 A small GPT whose feed-forward layers are dense, a standard Mixture-of-Experts, or DeepSeekMoE.
 
-Read top to bottom: GPTConfig -> CausalSelfAttention -> MLP -> Block -> GPT -> load_checkpoint.
+Read top to bottom: GPTConfig -> CausalSelfAttention -> MLP -> Block -> GPT -> checkpoints (save and read).
 Where and how it runs (device, dtype, compile, MoE dispatch, GPU peak FLOP/s) is runtime.py's.
 The FFN type is chosen in one place, Block.__init__; everything about experts lives in moe.py.
 Every FFN has the same contract: forward(x) -> (y, aux), aux a small dict of tensors.
@@ -346,6 +346,17 @@ class GPT(nn.Module):
             idx = torch.cat((idx, idx_next), dim=1)
         self.train(was_training)
         return idx
+
+
+def save_checkpoint(checkpoint: dict, path: str) -> None:
+    """Write to a temporary file, flush it to disk, then rename over the old checkpoint: a kill at any
+    moment leaves either the old or the new checkpoint, never a half-written one."""
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def read_checkpoint(path: str, trusted: bool = False) -> dict:

@@ -31,7 +31,7 @@ import torch
 
 from configurator import check_value, config_files, configure
 from dataset import check_ids_fit, open_data, read_meta, resolve_data_dir, windows
-from model import GPT, GPTConfig, model_from_checkpoint, read_checkpoint
+from model import GPT, GPTConfig, model_from_checkpoint, read_checkpoint, save_checkpoint
 from runtime import gpu_peak_flops, resolve_runtime
 from moe import max_vio
 from expert_parallel import (clip_gradients, expert_groups, expert_params, full_checkpoint_state, keep_local_experts,
@@ -225,17 +225,6 @@ def step_seed(seed: int, rank: int, iter_num: int) -> int:
     step's first micro-step: like the sampler a function of (seed, rank, iteration), so a resumed run, on every
     DDP rank, draws the masks the uninterrupted run would, and the checkpoint needs no generator state."""
     return int(np.random.default_rng([seed, rank, iter_num, 1]).integers(2 ** 63))
-
-
-def save_checkpoint(checkpoint: dict, path: str) -> None:
-    """Write to a temporary file, flush it to disk, then rename over the old checkpoint: a kill at any
-    moment leaves either the old or the new checkpoint, never a half-written one."""
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def duration(seconds: float) -> str:
