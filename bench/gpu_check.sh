@@ -33,8 +33,8 @@
 #   scaling    100                only with 100 s of the 360 left (rarely): 3 more models to compile
 # Compile times from the full dry run on the 2-core development machine, both cores busy with a training study
 # (2 x 64, bf16; an upper guide for the GPU, where Triton compiles in parallel on 16 cores): bench.py's first step
-# of a model, compiling cold, 23-35 s; train.py's training graph from bench.py's cache 0.6-4 s, its eval graph cold
-# 13-23 s; a whole training run 22-37 s; tests/test_cuda.py 3m16s (4 compiles in a row, no xdist there).
+# of a model, compiling cold, 23-35 s; train.py's training graph from bench.py's cache 0.6-6 s, its eval graph cold
+# 13-41 s; a whole training run 22-61 s; tests/test_cuda.py 3m16s-3m29s (4 compiles in a row, no xdist there).
 #
 # The device tool call (15 minutes of device time in all, the machine's start included):
 #   command:   bash bench/gpu_check.sh $OUT
@@ -54,8 +54,8 @@
 #   DRY_RUN=1 bash bench/gpu_check.sh /tmp/gpu_dry       # full: bf16 autocast AND torch.compile on (inductor on
 #       the CPU, grouped_mm compiled in bf16), tests/test_cuda.py rehearsed on the CPU (TEST_CUDA_DEVICE=cpu),
 #       bench and train at 2 x 64, 4 x 32 tokens, 20 iterations, the scaling step too. Measured on the 2-core
-#       development machine while both cores ran a training study (2026-12-05): 9m34s, every step and check passing
-#       (15m26s when more jobs shared the machine). Run it before a GPU call.
+#       development machine while both cores ran a training study (2026-12-05): 9m34s and 12m05s, every step and
+#       check passing (15m26s when more jobs shared the machine). Run it before a GPU call.
 #   DRY_RUN=quick bash bench/gpu_check.sh /tmp/gpu_quick  # bf16, eager, tiny: the script's plumbing in CI
 #       (tests/test_gpu_check.py): 48-71 s on the same busy machine, ~30 s of it CPU time.
 # Settings (environment): DRY_RUN=0|1|quick; GPU_CHECK_STEPS (default "env tests bench train scaling");
