@@ -235,7 +235,7 @@ def check_no_host_sync(cfg: GPTConfig, args) -> str:
 
 def with_runtime_dispatch(cfg: GPTConfig, args, device: str) -> GPTConfig:
     """cfg with the MoE dispatch train.py would choose on this machine for this dtype and compile (runtime.py):
-    the loop below sm90, say, where the layer's own 'auto' would take grouped_mm."""
+    the loop on a T4 or V100 (float16, where compiled grouped_mm takes only bfloat16), say."""
     if cfg.ffn_type == 'dense':
         return cfg
     rt = resolve_runtime(device, args.dtype, args.compile, 'auto', (cfg.n_embd, cfg.expert_hidden))

@@ -272,7 +272,7 @@ def test_train_py_on_cuda_compiled(tmp_path):
     assert p.returncode == 0, f'{p.stdout}\n{p.stderr}'
     first = p.stdout.splitlines()[0]
     assert first.startswith(f'device {DEVICE}') and 'compile on' in first and 'bfloat16' in first, first
-    if DEVICE == 'cpu' or capability()[0] in (9, 10):
+    if DEVICE == 'cpu' or capability() >= (8, 0):      # runtime.choose_runtime: grouped_mm wherever it takes bf16
         assert 'MoE dispatch grouped' in first, first
     with open(os.path.join(out, 'metrics.jsonl')) as f:
         rows = [json.loads(line) for line in f]
