@@ -132,12 +132,16 @@ def masked_topk(layer: MoE, x: torch.Tensor, k: int, masked: int) -> tuple[torch
 
 def intervened_output(layer: MoE, x: torch.Tensor, k: int, masked: int, shared: bool) -> tuple[torch.Tensor, dict]:
     """The layer's forward (y, aux) for x (B, T, C) with its routing changed: the top-k experts left after masking the
-    top `masked`, shared experts on or off. Eval mode: dropless, no dropout, no auxiliary loss."""
+    top `masked` (k = 0: no routed expert at all), shared experts on or off. Eval mode: dropless, no dropout, no
+    auxiliary loss."""
     B, T, C = x.shape
     xf = x.reshape(B * T, C)                                              # (B, T, C) -> (N, C)
-    gates, idx = masked_topk(layer, xf, k, masked)
-    load = expert_load(idx, layer.n_experts)
-    y, _ = layer.dispatch(xf, gates, idx, load)
+    if k == 0:
+        y, load = torch.zeros_like(xf), xf.new_zeros(layer.n_experts, dtype=torch.float32)
+    else:
+        gates, idx = masked_topk(layer, xf, k, masked)
+        load = expert_load(idx, layer.n_experts)
+        y, _ = layer.dispatch(xf, gates, idx, load)
     if shared and layer.shared_experts is not None:
         y = y + layer.shared_experts(xf)
     zero = xf.new_zeros((), dtype=torch.float32)
@@ -145,14 +149,15 @@ def intervened_output(layer: MoE, x: torch.Tensor, k: int, masked: int, shared: 
 
 
 @contextlib.contextmanager
-def intervention(model: GPT, k_delta: int = 0, k: int = 0, masked_ratio: float = 0.0, shared: bool = True):
+def intervention(model: GPT, k: int | None = None, k_delta: int = 0, masked_ratio: float = 0.0, shared: bool = True):
     """Within it, every MoE layer of model computes intervened_output instead of its own forward: k routed experts per
-    token (k = 0: the layer's top_k), plus k_delta, after masking round(masked_ratio * E) experts, shared experts on or
-    off. The rest of the model runs its own forward around it. (The replacement is an instance attribute `forward`,
-    which shadows the class's method until it is deleted.)"""
+    token (None: the layer's top_k; 0: none), plus k_delta, after masking round(masked_ratio * E) experts, shared
+    experts on or off. The rest of the model runs its own forward around it. (The replacement is an instance attribute
+    `forward`, which shadows the class's method until it is deleted.)"""
     def replaced(layer: MoE):
         masked = masked_experts(masked_ratio, layer.n_experts)
-        return lambda x: intervened_output(layer, x, (k or layer.top_k) + k_delta, masked, shared)
+        k_layer = (layer.top_k if k is None else k) + k_delta
+        return lambda x: intervened_output(layer, x, k_layer, masked, shared)
     layers = model.moe_layers()
     for layer in layers:
         layer.forward = replaced(layer)
@@ -327,6 +332,11 @@ def analyze_run(model: GPT, X: torch.Tensor, Y: torch.Tensor, batch: int, sim_to
         base = val_loss(model, X, Y, batch)
     out['val_loss'] = base
 
+    # the routed experts' whole contribution: the loss with none of them (the shared experts alone, or no FFN at all
+    # in the MoE layers of a model without shared experts); a rise is also given as a share of it
+    with intervention(model, k=0):
+        routed_off = val_loss(model, X, Y, batch)
+    out['routed_off'] = routed_off
     rows = []
     for ratio in MASK_RATIOS:
         r = masked_experts(ratio, E)
@@ -334,7 +344,8 @@ def analyze_run(model: GPT, X: torch.Tensor, Y: torch.Tensor, batch: int, sim_to
             continue                                     # fewer than k experts would be left
         with intervention(model, masked_ratio=ratio):
             loss = base if r == 0 else val_loss(model, X, Y, batch)
-        rows.append({'ratio': ratio, 'masked': r, 'masked_share': r / E, 'val_loss': loss, 'rise': loss - base})
+        rows.append({'ratio': ratio, 'masked': r, 'masked_share': r / E, 'val_loss': loss, 'rise': loss - base,
+                     'rise_share': (loss - base) / (routed_off - base)})
     out['redundancy'] = rows
     tick('redundancy')
 
@@ -429,7 +440,9 @@ def summarize(groups: list[dict]) -> dict:
             summary['redundancy'].append({**head, 'ratio': row['ratio'], 'masked': row['masked'],
                                           'masked_share': row['masked_share'],
                                           'val_loss': stat([r['redundancy'][i]['val_loss'] for r in res]),
-                                          'rise': stat([r['redundancy'][i]['rise'] for r in res])})
+                                          'rise': stat([r['redundancy'][i]['rise'] for r in res]),
+                                          'rise_share': stat([r['redundancy'][i]['rise_share'] for r in res]),
+                                          'routed_off_rise': stat([r['routed_off'] - r['val_loss'] for r in res])})
         if res[0].get('shared_off'):
             so = [r['shared_off'] for r in res]
             summary['shared_off'].append({**head, 'val_loss': stat([r['val_loss'] for r in res]),
@@ -466,6 +479,8 @@ def summarize(groups: list[dict]) -> dict:
 # per-run numbers the groups are compared by (paired by seed where they share seeds, compare.pair_stats)
 PAIR_NUMBERS = {
     'rise at r/E = 1/4': lambda r: r['redundancy'][-1]['rise'] if r['redundancy'][-1]['ratio'] == 0.25 else None,
+    'rise at r/E = 1/4, share of the routed experts\' contribution':
+        lambda r: r['redundancy'][-1]['rise_share'] if r['redundancy'][-1]['ratio'] == 0.25 else None,
     'mean pairwise cosine (layer mean)': lambda r: layer_mean(r['similarity'], 'cosine'),
     'mean pairwise CKA (layer mean)': lambda r: layer_mean(r['similarity'], 'cka'),
     'specialisation by input, normalised (layer mean)': lambda r: layer_mean(r['vocab_specialization'], 'input', 'normalized'),
@@ -506,10 +521,14 @@ def markdown(summary: dict, n_tokens: int) -> str:
     lines = [f"# What the experts learned ({n_tokens:,} validation tokens per run)", "",
              "Mean over seeds [95% t interval]; a group of one run has no interval.", "",
              "## 1. Redundancy: the r routed experts of highest selection score masked for every token (DeepSeekMoE Fig. 4)", "",
-             "| group | E | top-k | ratio | masked r (r/E) | val loss | rise over r = 0 |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "Share of the routed experts' contribution: the rise over the rise with no routed expert at all (the shared "
+             "experts alone, or no FFN in the MoE layers without them; the last column).", "",
+             "| group | E | top-k | ratio | masked r (r/E) | val loss | rise over r = 0 | share of the routed experts' "
+             "contribution | rise with no routed expert |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in summary['redundancy']:
         lines.append(f"| {row['group']} | {row['n_experts']} | {row['top_k']} | {row['ratio']:.4g} | {row['masked']} "
-                     f"({row['masked_share']:.3f}) | {fmt(row['val_loss'])} | {fmt(row['rise'])} |")
+                     f"({row['masked_share']:.3f}) | {fmt(row['val_loss'])} | {fmt(row['rise'])} | "
+                     f"{fmt(row['rise_share'])} | {fmt(row['routed_off_rise'])} |")
     lines += ["", "## 2. Shared experts off (DeepSeekMoE sec. 4.5: Pile loss 1.808 -> 2.414 with one more routed expert)",
               "", "| group | val loss | off, k + n_shared routed | rise | off alone | rise |", "|---|---:|---:|---:|---:|---:|"]
     for row in summary['shared_off']:
@@ -566,18 +585,26 @@ def errorbar_args(s: dict) -> tuple[float, list[list[float]]]:
     return s['mean'], [[s['mean'] - s['ci95'][0]], [s['ci95'][1] - s['mean']]]
 
 
-def plot_lines(rows: list[dict], x_key: str, y_key: str, xlabel: str, ylabel: str, title: str, path: str) -> None:
-    """One line per group of rows[x_key] against rows[y_key] (a stat), with 95% intervals."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in dict.fromkeys(r['group'] for r in rows):
-        mine = [r for r in rows if r['group'] == name]
-        xs = [r[x_key] for r in mine]
-        ys, errs = zip(*(errorbar_args(r[y_key]) for r in mine))
-        ax.errorbar(xs, ys, yerr=np.hstack(errs), marker='o', capsize=3,
-                    label=f"{name} ({len(mine[0][y_key]['values'])} seeds, E={mine[0]['n_experts']}, k={mine[0]['top_k']})")
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+def group_label(row: dict, seeds: int) -> str:
+    """'deepseek_moe (5 seeds; E=30, k=6, 2 shared)'."""
+    shared = f", {row['n_shared']} shared" if row['n_shared'] else ''
+    return f"{row['group']} ({seeds} seed{'s' if seeds > 1 else ''}; E={row['n_experts']}, k={row['top_k']}{shared})"
+
+
+def plot_lines(rows: list[dict], x_key: str, panels: list[tuple[str, str]], xlabel: str, title: str, path: str) -> None:
+    """One line per group of rows[x_key] against a stat rows[y_key] with its 95% intervals, one panel per
+    (y_key, ylabel)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, (y_key, ylabel) in zip(axes[0], panels):
+        for name in dict.fromkeys(r['group'] for r in rows):
+            mine = [r for r in rows if r['group'] == name]
+            ys, errs = zip(*(errorbar_args(r[y_key]) for r in mine))
+            ax.errorbar([r[x_key] for r in mine], ys, yerr=np.hstack(errs), marker='o', capsize=3,
+                        label=group_label(mine[0], len(mine[0][y_key]['values'])))
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -637,12 +664,14 @@ def write_outputs(summary: dict, runs: list[dict], out: str, n_tokens: int) -> s
     text = markdown(summary, n_tokens)
     with open(os.path.join(out, 'summary.md'), 'w') as f:
         f.write(text)
-    plot_lines(summary['redundancy'], 'masked_share', 'rise',
+    plot_lines(summary['redundancy'], 'masked_share',
+               [('rise', 'validation loss rise over r = 0'),
+                ('rise_share', "the rise as a share of the rise with no routed expert")],
                'masked share of the routed experts r / E (the r of highest selection score, for every token)',
-               'validation loss rise over r = 0', 'Redundancy: top routed experts masked (DeepSeekMoE Fig. 4)',
+               'Redundancy: the top routed experts masked (DeepSeekMoE Fig. 4); 95% intervals over seeds',
                os.path.join(out, 'redundancy.png'))
-    plot_lines(summary['k_eval'], 'k', 'val_loss', 'routed experts per token at evaluation',
-               'validation loss', 'Fewer routed experts at evaluation (DeepSeekMoE Fig. 5)', os.path.join(out, 'k_eval.png'))
+    plot_lines(summary['k_eval'], 'k', [('val_loss', 'validation loss')], 'routed experts per token at evaluation',
+               'Fewer routed experts at evaluation (DeepSeekMoE Fig. 5)', os.path.join(out, 'k_eval.png'))
     plot_layers(summary['vocab_specialization'], [('input_normalized', 'by input token'), ('next_normalized', 'by next token')],
                 '(p - k/E) / (1 - k/E)', 'Vocabulary specialisation (OLMoE eq. 8), normalised; dash: ids shuffled',
                 os.path.join(out, 'specialization.png'), reference='shuffled')

@@ -69,6 +69,16 @@ def test_masked_routing_equals_a_loop_over_tokens(ffn, k_delta, masked, shared):
     assert aux['expert_counts'].sum() == 10 * (layer.top_k + k_delta)
 
 
+def test_no_routed_expert_leaves_the_shared_experts_alone():
+    layer = tiny_model(DEEPSEEK).moe_layers()[0]
+    x = torch.randn(2, 5, TINY['n_embd'])
+    with torch.no_grad():
+        y, aux = ae.intervened_output(layer, x, 0, 0, True)
+        torch.testing.assert_close(y, layer.shared_experts(x))
+        assert aux['expert_counts'].sum() == 0
+        assert torch.equal(ae.intervened_output(layer, x, 0, 0, False)[0], torch.zeros_like(x))
+
+
 def test_masked_topk_without_masking_is_the_layers_own_routing():
     layer = tiny_model(DEEPSEEK).moe_layers()[0]
     x = torch.randn(40, TINY['n_embd'])
@@ -236,6 +246,8 @@ def test_a_whole_analysis_writes_every_measure_and_leaves_the_checkpoints_unchan
     assert set(groups) == {'deepseek_moe', 'moe'}
     assert groups['deepseek_moe']['seeds'] == [1, 2] and groups['deepseek_moe']['masked'] == 3    # 0.25 * 12
     assert groups['deepseek_moe']['rise']['ci95'] is not None and groups['moe']['rise']['ci95'] is None
+    moe = groups['moe']                                  # one seed: the share is the ratio of the two rises
+    assert moe['rise_share']['mean'] == pytest.approx(moe['rise']['mean'] / moe['routed_off_rise']['mean'])
     assert [r['group'] for r in summary['shared_off']] == ['deepseek_moe']
     assert [r['k'] for r in summary['k_eval'] if r['group'] == 'moe'] == [1, 2]
     for f in ('summary.md', 'redundancy.png', 'k_eval.png', 'specialization.png', 'similarity.png', 'coactivation.png'):
