@@ -15,7 +15,7 @@ from model import GPT, GPTConfig, load_checkpoint
 from moe import all_to_all_experts
 from test_moe import CASES, make_layer
 from conftest import REPO
-from test_train import TINY, data_dir, evals, metrics, run  # noqa: F401 (data_dir: the fixture)
+from test_train import TINY, evals, metrics, run
 from train import DEFAULTS, check_settings
 
 

@@ -1,4 +1,6 @@
-"""train.py and sample.py as a user runs them: subprocesses on tiny models and tiny data, on the CPU."""
+"""train.py and sample.py as a user runs them, on tiny models and tiny data, on the CPU: inside this process
+(conftest.run_script), on the session's shared runs where a test only reads or continues one (copied first), and
+as real processes where the process boundary is the point (exit codes, stderr, SIGKILL, torchrun)."""
 
 import json
 import os
@@ -13,36 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SHARED, random_token_data, subprocess_env as env
+from conftest import REPO, SHARED, TINY, copy_run, random_token_data, run_script, subprocess_env as env
 from configurator import configure
 from model import GPT, GPTConfig, load_checkpoint
 from moe import max_vio
 from dataset import windows
 from train import DEFAULTS, all_finite, check_settings, duration, get_lr, load_optimizer_state, resume_settings, sampler
 
-TINY = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_embd=32', '--n_head=2', '--block_size=32',
-        '--batch_size=8', '--vocab_size=128', '--eval_iters=4', '--log_interval=5', '--warmup_iters=5',
-        '--learning_rate=3e-3', '--min_lr=3e-4']
-
-
 def run(args: list[str], check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
     p = subprocess.run([sys.executable, *args], cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory) -> str:
-    """A learnable token stream over 128 symbols: mostly a fixed successor rule, 10% random tokens."""
-    d = tmp_path_factory.mktemp('data')
-    rng = np.random.default_rng(0)
-    for split, n in (('train', 60_000), ('val', 6_000)):
-        x = np.zeros(n, dtype=np.uint16)
-        for i in range(1, n):
-            x[i] = rng.integers(0, 128) if rng.random() < 0.1 else (int(x[i - 1]) * 5 + 3) % 128
-        x.tofile(d / f'{split}.bin')
-    return str(d)
 
 
 def metrics(out_dir) -> list[dict]:
@@ -231,10 +215,8 @@ def test_configurator_errors(tmp_path):
 
 
 @pytest.mark.parametrize('config', ['dense', 'moe', 'deepseek_moe'])
-def test_short_run_of_each_config_lowers_val_loss(config, data_dir, tmp_path):
-    out = tmp_path / 'out'
-    p = run(['train.py', f'config/{config}.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}',
-             '--max_iters=60', '--eval_interval=30', '--lr_decay_iters=60'])
+def test_short_run_of_each_config_lowers_val_loss(config, tiny_run):
+    out, stdout = tiny_run(config)             # 60 iterations, evals at 0, 30 and 60 (conftest.tiny_run)
     rows = metrics(out)
     assert rows[0]['type'] == 'config' and rows[0]['model_args']['ffn_type'] == config
     assert rows[0]['total_params'] >= rows[0]['active_params'] > 0
@@ -260,10 +242,10 @@ def test_short_run_of_each_config_lowers_val_loss(config, data_dir, tmp_path):
         sel = rows[-1]
         assert sel['type'] == 'expert_selection' and sel['layers'] == [0, 1]
         assert [sum(c) for c in sel['counts']] == [8 * 32 * k] * 2
-        assert 'maxvio_batch' in p.stdout and 'maxvio_global' in p.stdout
-    assert re.search(r'^iter 60/60: loss [\d.]+, [\d.]+ ms/iter, [\d,]+ tok/s, eta 0s', p.stdout, re.M), p.stdout
-    assert p.stdout.startswith('device cpu (') and rows[0]['runtime']['device'] == 'cpu'
-    assert ('MoE dispatch' in p.stdout.splitlines()[0]) == (config != 'dense')
+        assert 'maxvio_batch' in stdout and 'maxvio_global' in stdout
+    assert re.search(r'^iter 60/60: loss [\d.]+, [\d.]+ ms/iter, [\d,]+ tok/s, eta 0s', stdout, re.M), stdout
+    assert stdout.startswith('device cpu (') and rows[0]['runtime']['device'] == 'cpu'
+    assert ('MoE dispatch' in stdout.splitlines()[0]) == (config != 'dense')
     assert rows[0]['model_args']['moe_dispatch'] == 'grouped' and rows[0]['config']['moe_dispatch'] == 'auto'
     model, ckpt = load_checkpoint(str(out / 'ckpt.pt'))
     assert ckpt['iter_num'] == 60 and ckpt['config']['ffn_type'] == config
@@ -284,8 +266,9 @@ def test_real_tinystories_run_lowers_val_loss(tmp_path, gpt2):
             ids += enc.encode_ordinary(story) + [enc.eot_token]
         np.array(ids, dtype=np.uint16).tofile(tmp_path / f'{split}.bin')
     args = [a for a in TINY if not a.startswith('--vocab_size')]
-    run(['train.py', 'config/deepseek_moe.py', *args, f'--data_dir={tmp_path}', f'--out_dir={tmp_path / "out"}',
-         '--max_iters=40', '--eval_interval=40', '--lr_decay_iters=40', '--n_embd=64', '--learning_rate=1e-2'])
+    run_script('train.py', ['config/deepseek_moe.py', *args, f'--data_dir={tmp_path}', f'--out_dir={tmp_path / "out"}',
+                            '--max_iters=40', '--eval_interval=40', '--lr_decay_iters=40', '--n_embd=64',
+                            '--learning_rate=1e-2'])
     ev = evals(tmp_path / 'out')
     assert ev[0]['val_loss'] == pytest.approx(np.log(50304), abs=0.2)   # uniform over the vocabulary at init
     assert ev[-1]['val_loss'] < ev[0]['val_loss'] - 2.0, ev
@@ -293,12 +276,12 @@ def test_real_tinystories_run_lowers_val_loss(tmp_path, gpt2):
 
 @pytest.mark.parametrize('config', ['moe', 'deepseek_moe'])
 def test_resume_is_exact(config, data_dir, tmp_path):
-    common = ['train.py', f'config/{config}.py', *TINY, f'--data_dir={data_dir}', '--eval_interval=10',
-              '--lr_decay_iters=30', '--dropout=0.1']
-    run([*common, f'--out_dir={tmp_path / "a"}', '--max_iters=30'])
-    run([*common, f'--out_dir={tmp_path / "b"}', '--max_iters=20', '--always_save_checkpoint=True'])
+    common = [f'config/{config}.py', *TINY, f'--data_dir={data_dir}', '--eval_interval=10', '--lr_decay_iters=30',
+              '--dropout=0.1']
+    run_script('train.py', [*common, f'--out_dir={tmp_path / "a"}', '--max_iters=30'])
+    run_script('train.py', [*common, f'--out_dir={tmp_path / "b"}', '--max_iters=20', '--always_save_checkpoint=True'])
     # resumed as a user would, without repeating the config: every setting comes from the checkpoint
-    run(['train.py', f'--out_dir={tmp_path / "b"}', '--max_iters=30', '--init_from=resume'])
+    run_script('train.py', [f'--out_dir={tmp_path / "b"}', '--max_iters=30', '--init_from=resume'])
     a, b = evals(tmp_path / 'a'), evals(tmp_path / 'b')
     assert [r['iter'] for r in b] == [0, 10, 20, 30]            # no duplicate eval at the resume point
     for ra, rb in zip(a, b):
@@ -313,56 +296,51 @@ def test_resume_is_exact(config, data_dir, tmp_path):
         assert ma.moe_layers()[0].expert_bias.abs().sum() > 0
 
 
-def test_resume_honours_the_settings_given_now(data_dir, tmp_path):
-    out = tmp_path / 'out'
-    common = ['train.py', 'config/deepseek_moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}',
-              '--eval_interval=10', '--lr_decay_iters=40']
-    run([*common, '--max_iters=10'])
+def test_resume_honours_the_settings_given_now(tiny_run, tmp_path):
+    out = copy_run(tiny_run('deepseek_moe')[0], tmp_path)          # 60 iterations of config/deepseek_moe.py
     bias_before = [m.expert_bias.clone() for m in load_checkpoint(str(out / 'ckpt.pt'))[0].moe_layers()]
     assert all(b.abs().sum() > 0 for b in bias_before)              # gamma = 0.001 moved them
-    run(['train.py', f'--out_dir={out}', '--max_iters=20', '--init_from=resume', '--bias_update_speed=0.0',
-         '--weight_decay=0.0', '--capacity_factor=1.5'])
+    run_script('train.py', [f'--out_dir={out}', '--max_iters=70', '--init_from=resume', '--bias_update_speed=0.0',
+                            '--weight_decay=0.0', '--capacity_factor=1.5'])
     model, ckpt = load_checkpoint(str(out / 'ckpt.pt'))
-    assert ckpt['iter_num'] == 20
+    assert ckpt['iter_num'] == 70
     for before, layer in zip(bias_before, model.moe_layers()):
         assert torch.equal(layer.expert_bias, before)                # gamma = 0: not moved since the resume
     assert [g['weight_decay'] for g in ckpt['optimizer']['param_groups']] == [0.0, 0.0]
     assert ckpt['config']['weight_decay'] == 0.0 and ckpt['model_args']['capacity_factor'] == 1.5
     first, resumed = [r for r in metrics(out) if r['type'] == 'config']
-    assert resumed['iter'] == 10 and resumed['config']['bias_update_speed'] == 0.0
+    assert resumed['iter'] == 60 and resumed['config']['bias_update_speed'] == 0.0
     assert first['config_files'] == resumed['config_files'] == ['config/deepseek_moe.py']
     assert resumed['model_args']['bias_update_speed'] == 0.0 and resumed['model_args']['capacity_factor'] == 1.5
     # changing the model's shape on resume: one line naming the setting and both values; checkpoint kept
     before = (out / 'ckpt.pt').read_bytes()
-    p = run(['train.py', f'--out_dir={out}', '--init_from=resume', '--max_iters=30', '--n_embd=64'], check=False)
+    p = run_script('train.py', [f'--out_dir={out}', '--init_from=resume', '--max_iters=80', '--n_embd=64'], check=False)
     assert p.returncode != 0 and 'Traceback' not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert "n_embd=64 differs from the checkpoint's n_embd=32" in p.stderr
     assert (out / 'ckpt.pt').read_bytes() == before
 
 
-def test_an_eval_only_look_changes_nothing(data_dir, tmp_path):
+def test_an_eval_only_look_changes_nothing(tiny_run, tmp_path):
     """--eval_only on a finished run evaluates and leaves the checkpoint alone, so the run can still be extended."""
-    out = tmp_path / 'out'
-    run(['train.py', 'config/dense.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=10',
-         '--eval_interval=10', '--lr_decay_iters=30'])
+    out = copy_run(tiny_run('dense')[0], tmp_path)                 # 60 iterations, evals at 0, 30, 60
     before = (out / 'ckpt.pt').read_bytes()
-    p = run(['train.py', f'--out_dir={out}', '--init_from=resume', '--eval_only=True'])
-    assert 'eval 10:' in p.stdout and (out / 'ckpt.pt').read_bytes() == before
-    run(['train.py', f'--out_dir={out}', '--init_from=resume', '--max_iters=20'])
-    assert [r['iter'] for r in evals(out)] == [0, 10, 10, 20]          # the look, then the run goes on
-    assert load_checkpoint(str(out / 'ckpt.pt'))[1]['iter_num'] == 20
+    p = run_script('train.py', [f'--out_dir={out}', '--init_from=resume', '--eval_only=True'])
+    assert 'eval 60:' in p.stdout and (out / 'ckpt.pt').read_bytes() == before
+    run_script('train.py', [f'--out_dir={out}', '--init_from=resume', '--max_iters=70'])
+    assert [r['iter'] for r in evals(out)] == [0, 30, 60, 60, 70]      # the look, then the run goes on
+    assert load_checkpoint(str(out / 'ckpt.pt'))[1]['iter_num'] == 70
 
 
 def test_float16_loss_scale_is_saved_and_resumed(data_dir, tmp_path):
     """The GradScaler's state (scale, steps since it last changed) continues across a resume exactly as in an
     uninterrupted run; a fresh scaler would restart its growth count at 0."""
-    common = ['train.py', 'config/moe.py', *TINY, f'--data_dir={data_dir}', '--eval_interval=6', '--lr_decay_iters=12',
+    common = ['config/moe.py', *TINY, f'--data_dir={data_dir}', '--eval_interval=6', '--lr_decay_iters=12',
               '--dtype=float16']
-    run([*common, f'--out_dir={tmp_path / "straight"}', '--max_iters=8'])
+    run_script('train.py', [*common, f'--out_dir={tmp_path / "straight"}', '--max_iters=8'])
     out = tmp_path / 'out'
-    run([*common, f'--out_dir={out}', '--max_iters=6'])
+    run_script('train.py', [*common, f'--out_dir={out}', '--max_iters=6'])
     assert torch.load(out / 'ckpt.pt', weights_only=True)['scaler']['scale'] > 0
-    p = run(['train.py', f'--out_dir={out}', '--init_from=resume', '--max_iters=8'])
+    p = run_script('train.py', [f'--out_dir={out}', '--init_from=resume', '--max_iters=8'])
     assert 'float16 + GradScaler' in p.stdout
     resumed = torch.load(out / 'ckpt.pt', weights_only=True)['scaler']
     straight = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=True)['scaler']
@@ -371,8 +349,8 @@ def test_float16_loss_scale_is_saved_and_resumed(data_dir, tmp_path):
 
 def test_maxvio_batch_and_global_as_the_papers_define_them(data_dir, tmp_path):
     out = tmp_path / 'out'
-    run(['train.py', 'config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=10',
-         '--eval_interval=5', '--lr_decay_iters=10', '--log_interval=1'])
+    run_script('train.py', ['config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=10',
+                            '--eval_interval=5', '--lr_decay_iters=10', '--log_interval=1'])
     rows = metrics(out)
     train = {r['iter']: r for r in rows if r['type'] == 'train'}
     ev = evals(out)
@@ -391,8 +369,8 @@ def test_maxvio_batch_and_global_as_the_papers_define_them(data_dir, tmp_path):
     # an eval after every step: each eval row's expert_counts are exactly one step's, so its maxvio_batch must be
     # their MaxVio (computed here from the logged counts, independently of train.py)
     out1 = tmp_path / 'every'
-    run(['train.py', 'config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out1}', '--max_iters=6',
-         '--eval_interval=1', '--eval_iters=1', '--lr_decay_iters=10', '--log_interval=1'])
+    run_script('train.py', ['config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out1}', '--max_iters=6',
+                            '--eval_interval=1', '--eval_iters=1', '--lr_decay_iters=10', '--log_interval=1'])
     per_step = [e for e in evals(out1) if 'maxvio_batch' in e]
     assert len(per_step) == 6
     for e in per_step:
@@ -401,26 +379,28 @@ def test_maxvio_batch_and_global_as_the_papers_define_them(data_dir, tmp_path):
             assert e['maxvio_batch'][layer] == pytest.approx(step, abs=1e-4)
 
 
-def test_diverged_eval_never_replaces_a_good_checkpoint(data_dir, tmp_path):
+# resuming the shared dense run (60 iterations) with a learning rate that blows the weights up at its first update
+BLOW_UP = ['--init_from=resume', '--learning_rate=1e30', '--warmup_iters=0', '--decay_lr=False', '--grad_clip=0',
+           '--always_save_checkpoint=True']
+
+
+def test_diverged_eval_never_replaces_a_good_checkpoint(tiny_run, tmp_path):
     """The step before the eval has a finite loss, and its update (lr 1e30) blows the weights up: the eval
     then sees NaN. Saving that (always_save_checkpoint) would replace the good checkpoint."""
-    out = tmp_path / 'out'
-    common = ['train.py', 'config/dense.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}',
-              '--eval_interval=1', '--always_save_checkpoint=True', '--grad_clip=0']
-    run([*common, '--max_iters=10', '--eval_interval=10'])
+    out = copy_run(tiny_run('dense')[0], tmp_path)
     before = (out / 'ckpt.pt').read_bytes()
-    p = run([*common, '--max_iters=11', '--init_from=resume', '--learning_rate=1e30', '--warmup_iters=0'], check=False)
+    p = run_script('train.py', [f'--out_dir={out}', *BLOW_UP, '--max_iters=61', '--eval_interval=1'], check=False)
     assert p.returncode != 0 and 'Traceback' not in p.stderr, p.stderr
-    assert 'non-finite loss at the evaluation of iteration 11' in p.stderr and 'nothing was saved' in p.stderr
+    assert 'non-finite loss at the evaluation of iteration 61' in p.stderr and 'nothing was saved' in p.stderr
     assert (out / 'ckpt.pt').read_bytes() == before
     model, ckpt = load_checkpoint(str(out / 'ckpt.pt'))
-    assert ckpt['iter_num'] == 10 and all_finite(model.state_dict().values())
+    assert ckpt['iter_num'] == 60 and all_finite(model.state_dict().values())
 
 
 def test_float64_run_uses_the_expert_loop(data_dir, tmp_path):
     out = tmp_path / 'out'
-    run(['train.py', 'config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=4',
-         '--eval_interval=4', '--lr_decay_iters=8', '--dtype=float64'])
+    run_script('train.py', ['config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=4',
+                            '--eval_interval=4', '--lr_decay_iters=8', '--dtype=float64'])
     ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
     assert ckpt['model']['lm_head.weight'].dtype == torch.float64
     assert np.isfinite(evals(out)[-1]['val_loss'])
@@ -428,26 +408,31 @@ def test_float64_run_uses_the_expert_loop(data_dir, tmp_path):
 
 def test_a_run_that_would_take_hours_on_the_cpu_says_so_early(data_dir, tmp_path):
     """After the first timed iterations: one line with the whole run's time, and where a run off the GPU
-    would take more than an hour, the pointer to config/tinystories_cpu.py (here: 10 million tiny steps)."""
-    proc = subprocess.Popen([sys.executable, 'train.py', 'config/moe.py', *TINY, f'--data_dir={data_dir}',
-                             f'--out_dir={tmp_path / "out"}', '--max_iters=10000000', '--lr_decay_iters=10000000',
-                             '--eval_interval=1000000'], cwd=REPO, env=env(), stdout=subprocess.PIPE, text=True)
-    try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith('timing:') or len(lines) > 20:
-                break
-    finally:
-        proc.kill()
-        proc.wait()
+    would take more than an hour, the pointer to config/tinystories_cpu.py (here: 10 million tiny steps).
+    train.py's print is replaced by one that stops the run at that line."""
+    class Enough(Exception):
+        pass
+    lines = []
+
+    def record(*args, **kwargs):
+        lines.append(' '.join(map(str, args)))
+        if lines[-1].startswith('timing:') or len(lines) > 20:
+            raise Enough
+    with pytest.raises(Enough):
+        run_script('train.py', ['config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path / "out"}',
+                                '--max_iters=10000000', '--lr_decay_iters=10000000', '--eval_interval=1000000'],
+                   init_globals={'print': record})
     # 10 million steps of ~0.01 s are about a day: either format may come (one clean-clone run printed 23h43m)
     assert re.match(r'timing: [\d.]+ s/iter over 3 iterations: about (\d+d\d\dh|\d+h\d\dm) for the 9,999,996 iterations left '
                     r'and their evals\. This config is sized for a GPU; on a CPU, put config/tinystories_cpu\.py first',
                     lines[-1]), lines
 
 
-def test_sigkill_during_training_leaves_a_loadable_checkpoint(data_dir, tmp_path):
+def test_train_py_as_a_process_one_line_errors_and_sigkill(data_dir, tmp_path):
+    """The process boundary, once: a user error exits 1 with one line on stderr and no traceback; SIGKILL at random
+    moments while checkpoints are written every iteration always leaves a loadable checkpoint."""
+    p = run(['train.py', 'config/moe.py', *TINY, f'--data_dir={data_dir}', '--batch_size=0'], check=False)
+    assert p.returncode == 1 and p.stderr == 'error: batch_size=0 must be >= 1\n', p.stderr
     out = tmp_path / 'out'
     rng = random.Random(0)
     for attempt in range(3):
@@ -468,16 +453,18 @@ def test_sigkill_during_training_leaves_a_loadable_checkpoint(data_dir, tmp_path
 
 
 def test_user_errors_are_one_clean_line(data_dir, tmp_path):
+    def train(*args):
+        return run_script('train.py', args, check=False)
     for bad, message in (('--batch_size=0', 'batch_size=0 must be >= 1'),
                          ('--max_iters=200', 'warmup_iters=200 must be smaller than lr_decay_iters=200')):
-        p = run(['train.py', 'config/moe.py', '--lr_decay_iters=200', bad], check=False)
+        p = train('config/moe.py', '--lr_decay_iters=200', bad)
         assert p.returncode != 0 and p.stderr.startswith('error: ') and message in p.stderr
         assert len(p.stderr.strip().splitlines()) == 1
-    p = run(['train.py', 'config/moe.py', *TINY, f'--data_dir={tmp_path / "missing"}'], check=False)
+    p = train('config/moe.py', *TINY, f'--data_dir={tmp_path / "missing"}')
     assert p.returncode != 0 and 'Traceback' not in p.stderr
     assert p.stderr.strip().startswith('error:') and 'train.bin not found; run python data/tinystories/prepare.py' in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
-    p = run(['train.py', 'config/moe.py', '--top_k=9'], check=False)              # 8 experts
+    p = train('config/moe.py', '--top_k=9')              # 8 experts
     assert p.returncode != 0 and 'Traceback' not in p.stderr and 'top_k=9 is impossible' in p.stderr
     impossible = [('--moe_dispatch=fast', 'moe_dispatch must be auto|grouped|loop')]
     if not torch.cuda.is_available():
@@ -485,76 +472,53 @@ def test_user_errors_are_one_clean_line(data_dir, tmp_path):
     if not torch.backends.mps.is_available():
         impossible.append(('--device=mps', "device 'mps' requested"))
     for request, message in impossible:
-        p = run(['train.py', 'config/moe.py', request], check=False)
+        p = train('config/moe.py', request)
         assert p.returncode != 0 and p.stderr.startswith('error: ') and message in p.stderr, p.stderr
         assert len(p.stderr.strip().splitlines()) == 1
-    p = run(['train.py', 'config/moe.py', '--dtype=fp16'], check=False)
+    p = train('config/moe.py', '--dtype=fp16')
     assert 'dtype must be' in p.stderr and 'Traceback' not in p.stderr
-    p = run(['train.py', 'config/moe.py', '--n_expert=4'], check=False)
+    p = train('config/moe.py', '--n_expert=4')
     assert "did you mean 'n_experts'" in p.stderr and 'Traceback' not in p.stderr
     # a corrupt checkpoint: a clear message on resume, and the file is left as it was
     out = tmp_path / 'out'
     out.mkdir()
     (out / 'ckpt.pt').write_bytes(b'\x00garbage' * 100)
-    p = run(['train.py', 'config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}',
-             '--init_from=resume', '--max_iters=5'], check=False)
+    p = train('config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--init_from=resume', '--max_iters=5')
     assert p.returncode != 0 and 'Traceback' not in p.stderr and 'corrupt' in p.stderr
     assert (out / 'ckpt.pt').read_bytes() == b'\x00garbage' * 100
     # training from scratch into a run directory with a checkpoint refuses instead of overwriting it
-    p = run(['train.py', 'config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=5'],
-            check=False)
+    p = train('config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=5')
     assert p.returncode != 0 and '--init_from=resume' in p.stderr
     assert (out / 'ckpt.pt').read_bytes() == b'\x00garbage' * 100
 
 
-def test_non_finite_loss_stops_with_the_iteration(data_dir, tmp_path):
-    out = tmp_path / 'out'
-    common = ['train.py', 'config/dense.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}',
-              '--eval_interval=10', '--always_save_checkpoint=True', '--grad_clip=0']
-    run([*common, '--max_iters=10'])
+def test_non_finite_loss_stops_with_the_iteration(tiny_run, tmp_path):
+    out = copy_run(tiny_run('dense')[0], tmp_path)
     before = (out / 'ckpt.pt').read_bytes()
-    p = run([*common, '--max_iters=40', '--init_from=resume', '--learning_rate=1e30', '--warmup_iters=0'], check=False)
+    p = run_script('train.py', [f'--out_dir={out}', *BLOW_UP, '--max_iters=90'], check=False)
     assert p.returncode != 0 and 'Traceback' not in p.stderr
-    assert re.search(r'non-finite loss at iteration 1\d\b', p.stderr), p.stderr   # resumed at 10: names the bad one
+    assert re.search(r'non-finite loss at iteration 6\d\b', p.stderr), p.stderr   # resumed at 60: names the bad one
     assert (out / 'ckpt.pt').read_bytes() == before                 # the last good checkpoint stays
 
 
-def test_ddp_two_cpu_processes_with_gloo(data_dir, tmp_path):
-    out = tmp_path / 'out'
-    p = run(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py', 'config/deepseek_moe.py',
-             *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=12', '--eval_interval=6',
-             '--gradient_accumulation_steps=2', '--lr_decay_iters=12'], timeout=600)
-    assert 'balancing biases identical on all 2 ranks' in p.stdout
-    rows = metrics(out)
-    assert sum(r['type'] == 'config' for r in rows) == 1 and rows[0]['world_size'] == 2   # written by rank 0 only
-    ev = evals(out)
-    assert [r['iter'] for r in ev] == [0, 6, 12]
-    # each step: 2 ranks x 1 micro-step x 8 x 32 tokens x top-6, summed over the 6 steps since the last eval
-    assert sum(ev[-1]['expert_counts'][0]) == 6 * 2 * 8 * 32 * 6
-    model, _ = load_checkpoint(str(out / 'ckpt.pt'))
-    assert model.moe_layers()[0].expert_bias.abs().sum() > 0
-
-
-def test_sample_prints_prompt_and_continuation(tmp_path, gpt2):
-    d = random_token_data(tmp_path / 'data', 50257, 5000)
-    args = [a for a in TINY if not a.startswith('--vocab_size')]
-    run(['train.py', 'config/deepseek_moe.py', *args, f'--data_dir={d}', f'--out_dir={tmp_path / "out"}',
-         '--max_iters=2', '--eval_interval=2'])
-    p = run(['sample.py', f'--out_dir={tmp_path / "out"}', '--start=Once upon a time', '--num_samples=2',
-             '--max_new_tokens=12', '--device=cpu'])
+def test_sample_prints_prompt_and_continuation(gpt2_run, tmp_path):
+    out = gpt2_run('deepseek_moe')[0]
+    # the process once (exit code 0, what it prints); the other prompts and the error inside this process
+    p = run(['sample.py', f'--out_dir={out}', '--start=Once upon a time', '--num_samples=2', '--max_new_tokens=12',
+             '--device=cpu'])
     samples = p.stdout.split('---------------\n')
     assert len(samples) == 3 and samples[-1] == ''
     for s in samples[:2]:
         assert s.startswith('Once upon a time') and len(s) > len('Once upon a time') + 5
     prompt = tmp_path / 'prompt.txt'
     prompt.write_text('Lily had a red ball.')
-    p = run(['sample.py', f'--out_dir={tmp_path / "out"}', f'--start=FILE:{prompt}', '--num_samples=1',
-             '--max_new_tokens=5', '--device=cpu'])
+    p = run_script('sample.py', [f'--out_dir={out}', f'--start=FILE:{prompt}', '--num_samples=1', '--max_new_tokens=5',
+                                 '--device=cpu'])
     assert p.stdout.startswith('Lily had a red ball.')
-    p = run(['sample.py', f'--out_dir={tmp_path / "out"}', '--start=', '--num_samples=1', '--max_new_tokens=5',
-             '--device=cpu'])                              # empty prompt: starts from <|endoftext|>
+    p = run_script('sample.py', [f'--out_dir={out}', '--start=', '--num_samples=1', '--max_new_tokens=5',
+                                 '--device=cpu'])                              # empty prompt: starts from <|endoftext|>
     assert p.returncode == 0 and len(p.stdout.split('---------------\n')) == 2
-    p = run(['sample.py', f'--out_dir={tmp_path / "nowhere"}'], check=False)
+    p = run_script('sample.py', [f'--out_dir={tmp_path / "nowhere"}'], check=False)
     assert p.returncode != 0 and 'not found' in p.stderr and 'Traceback' not in p.stderr
 
 
@@ -567,8 +531,8 @@ def test_train_rows_time_the_steps_they_cover(data_dir, tmp_path):
     divide by those steps, not by log_interval. The train row at 10 and the eval row at 10 then time the same
     5 steps and agree; dividing by 10 made the train rows claim twice the speed."""
     out = tmp_path / 'out'
-    run(['train.py', 'config/dense.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=40',
-         '--eval_interval=5', '--log_interval=10', '--lr_decay_iters=40', '--eval_iters=1'])
+    run_script('train.py', ['config/dense.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=40',
+                            '--eval_interval=5', '--log_interval=10', '--lr_decay_iters=40', '--eval_iters=1'])
     rows = metrics(out)
     train = {r['iter']: r for r in rows if r['type'] == 'train'}
     ev = {r['iter']: r for r in rows if r['type'] == 'eval'}
@@ -579,20 +543,19 @@ def test_train_rows_time_the_steps_they_cover(data_dir, tmp_path):
 def test_logged_loss_is_the_mean_over_micro_steps(data_dir, tmp_path):
     """gradient_accumulation_steps=4 of 2 sequences draws the same 8 windows as one micro-step of 8 (the sampler
     is one stream), so the step's mean loss is the same; the last micro-step's alone is not."""
-    common = ['train.py', 'config/dense.py', *TINY, f'--data_dir={data_dir}', '--max_iters=3', '--eval_interval=3',
+    common = ['config/dense.py', *TINY, f'--data_dir={data_dir}', '--max_iters=3', '--eval_interval=3',
               '--lr_decay_iters=10', '--log_interval=1']
-    run([*common, f'--out_dir={tmp_path / "one"}', '--batch_size=8'])
-    run([*common, f'--out_dir={tmp_path / "four"}', '--batch_size=2', '--gradient_accumulation_steps=4'])
+    run_script('train.py', [*common, f'--out_dir={tmp_path / "one"}', '--batch_size=8'])
+    run_script('train.py', [*common, f'--out_dir={tmp_path / "four"}', '--batch_size=2', '--gradient_accumulation_steps=4'])
     one = [r['loss'] for r in metrics(tmp_path / 'one') if r['type'] == 'train']
     four = [r['loss'] for r in metrics(tmp_path / 'four') if r['type'] == 'train']
     assert len(one) == len(four) == 3
     assert four == pytest.approx(one, abs=2e-4)
 
 
-def test_a_nan_in_the_first_micro_step_stops_that_step(data_dir, tmp_path, monkeypatch, capsys):
+def test_a_nan_in_the_first_micro_step_stops_that_step(data_dir, tmp_path, monkeypatch):
     """The check covers the whole step's loss, not only the last micro-step's: a NaN in micro-step 0 of
     iteration 2 stops the run at iteration 2, before its update is applied."""
-    import runpy
     import model as model_module
     calls = {'n': 0}
     forward = model_module.GPT.forward
@@ -606,25 +569,20 @@ def test_a_nan_in_the_first_micro_step_stops_that_step(data_dir, tmp_path, monke
                 return logits, loss * float('nan'), {**aux, 'ce_loss': aux['ce_loss'] * float('nan')}
         return out
     monkeypatch.setattr(model_module.GPT, 'forward', poisoned)
-    monkeypatch.setattr(sys, 'argv', ['train.py', 'config/dense.py', *TINY, f'--data_dir={data_dir}',
-                                      f'--out_dir={tmp_path / "out"}', '--max_iters=10', '--eval_interval=10',
-                                      '--lr_decay_iters=10', '--gradient_accumulation_steps=2'])
-    monkeypatch.chdir(REPO)
-    with pytest.raises(SystemExit) as e:
-        runpy.run_path(os.path.join(REPO, 'train.py'), run_name='__main__')
-    assert 'non-finite loss at iteration 2 ' in str(e.value), e.value
+    p = run_script('train.py', ['config/dense.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path / "out"}',
+                                '--max_iters=10', '--eval_interval=10', '--lr_decay_iters=10',
+                                '--gradient_accumulation_steps=2'], check=False)
+    assert p.returncode == 1 and 'non-finite loss at iteration 2 ' in p.stderr, p.stderr
 
 
-def test_tokens_are_counted_across_a_resume_that_changes_the_batch(data_dir, tmp_path):
-    out = tmp_path / 'out'
-    common = ['train.py', 'config/dense.py', *TINY, f'--data_dir={data_dir}', '--eval_interval=10', '--lr_decay_iters=20']
-    run([*common, f'--out_dir={out}', '--max_iters=10'])
-    run(['train.py', f'--out_dir={out}', '--init_from=resume', '--max_iters=20', '--batch_size=4'])
+def test_tokens_are_counted_across_a_resume_that_changes_the_batch(tiny_run, tmp_path):
+    out = copy_run(tiny_run('dense')[0], tmp_path)                 # 60 iterations of 8 x 32 tokens
+    run_script('train.py', [f'--out_dir={out}', '--init_from=resume', '--max_iters=80', '--batch_size=4'])
     ev = {r['iter']: r for r in evals(out)}
-    assert ev[10]['tokens'] == 10 * 8 * 32
-    assert ev[20]['tokens'] == 10 * 8 * 32 + 10 * 4 * 32          # not 20 steps of the batch of now
+    assert ev[60]['tokens'] == 60 * 8 * 32
+    assert ev[80]['tokens'] == 60 * 8 * 32 + 20 * 4 * 32          # not 80 steps of the batch of now
     train = {r['iter']: r for r in metrics(out) if r['type'] == 'train'}
-    assert train[15]['tokens'] == 10 * 8 * 32 + 5 * 4 * 32
+    assert train[65]['tokens'] == 60 * 8 * 32 + 5 * 4 * 32
 
 
 def torchrun(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
@@ -633,43 +591,52 @@ def torchrun(args: list[str], check: bool = True) -> subprocess.CompletedProcess
                 '--gradient_accumulation_steps=2'], check=check, timeout=600)
 
 
-def test_ddp_resume_with_dropout_is_exact(data_dir, tmp_path):
-    """Every rank's dropout masks come from (seed, rank, iteration), so a resumed 2-process run with dropout
-    equals the uninterrupted one; the checkpoint once held rank 0's RNG state, which every rank then loaded."""
+def test_ddp_two_cpu_processes_with_gloo(data_dir, tmp_path):
+    """train.py under torchrun, 2 gloo processes, deepseek_moe with dropout; five launches check:
+    - a run: one config row (rank 0 writes), the expert counts of both ranks, biases identical on both ranks;
+    - resume with dropout is exact: every rank's dropout masks come from (seed, rank, iteration), so a resumed run
+      equals the uninterrupted one (the checkpoint once held rank 0's RNG state, which every rank then loaded);
+    - a non-finite loss ends every rank with the message, at an evaluation (rank 0 evaluates and tells the others)
+      and in a step (every rank sees the all-reduced loss), and leaves the checkpoint alone. No rank may be left
+      waiting in a collective (the timeout would catch a hang)."""
     common = ['train.py', 'config/deepseek_moe.py', *TINY, f'--data_dir={data_dir}', '--eval_interval=10',
               '--lr_decay_iters=30', '--dropout=0.1']
-    torchrun([*common, f'--out_dir={tmp_path / "a"}', '--max_iters=30'])
-    torchrun([*common, f'--out_dir={tmp_path / "b"}', '--max_iters=20', '--always_save_checkpoint=True'])
-    torchrun(['train.py', f'--out_dir={tmp_path / "b"}', '--max_iters=30', '--init_from=resume'])
-    a, b = evals(tmp_path / 'a'), evals(tmp_path / 'b')
-    assert [r['iter'] for r in b] == [0, 10, 20, 30]
-    for ra, rb in zip(a, b):
+    a = tmp_path / 'a'
+    p = torchrun([*common, f'--out_dir={a}', '--max_iters=30'])
+    assert 'balancing biases identical on all 2 ranks' in p.stdout
+    rows = metrics(a)
+    assert sum(r['type'] == 'config' for r in rows) == 1 and rows[0]['world_size'] == 2   # written by rank 0 only
+    ev = evals(a)
+    assert [r['iter'] for r in ev] == [0, 10, 20, 30]
+    # each step: 2 ranks x 1 micro-step x 8 x 32 tokens x top-6, summed over the 10 steps since the last eval
+    assert sum(ev[-1]['expert_counts'][0]) == 10 * 2 * 8 * 32 * 6
+    model, _ = load_checkpoint(str(a / 'ckpt.pt'))
+    assert model.moe_layers()[0].expert_bias.abs().sum() > 0
+    # resumed at 20: the uninterrupted run's losses
+    b = tmp_path / 'b'
+    torchrun([*common, f'--out_dir={b}', '--max_iters=20', '--always_save_checkpoint=True'])
+    nan = copy_run(b, tmp_path, 'nan')                             # its checkpoint at 20, for the non-finite runs
+    torchrun(['train.py', f'--out_dir={b}', '--max_iters=30', '--init_from=resume'])
+    eb = evals(b)
+    assert [r['iter'] for r in eb] == [0, 10, 20, 30]
+    for ra, rb in zip(ev, eb):
         assert rb['val_loss'] == pytest.approx(ra['val_loss'], abs=1e-4)
         assert rb['train_loss'] == pytest.approx(ra['train_loss'], abs=1e-4)
-
-
-def test_ddp_non_finite_loss_stops_every_rank(data_dir, tmp_path):
-    """Under DDP a non-finite loss must end every rank with the message: in a step (every rank sees the
-    all-reduced loss) and at an evaluation (rank 0 evaluates and tells the others). No rank may be left waiting
-    in a collective (the timeout would catch a hang)."""
-    out = tmp_path / 'out'
-    common = ['train.py', 'config/dense.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}',
-              '--eval_interval=10', '--always_save_checkpoint=True', '--grad_clip=0', '--lr_decay_iters=40']
-    torchrun([*common, '--max_iters=10'])
-    before = (out / 'ckpt.pt').read_bytes()
-    # the update of step 10 blows the weights up; the eval at 11 (the last) sees NaN on rank 0
-    p = torchrun([*common, '--max_iters=11', '--init_from=resume', '--learning_rate=1e30', '--warmup_iters=0'], check=False)
-    assert p.returncode != 0 and p.stderr.count('non-finite loss at the evaluation of iteration 11') == 2, p.stderr
+    # the update of step 20 blows the weights up; the eval at 21 (the last) sees NaN on rank 0
+    before = (nan / 'ckpt.pt').read_bytes()
+    blow_up = ['--init_from=resume', '--learning_rate=1e30', '--warmup_iters=0', '--grad_clip=0']
+    p = torchrun(['train.py', f'--out_dir={nan}', *blow_up, '--max_iters=21'], check=False)
+    assert p.returncode != 0 and p.stderr.count('non-finite loss at the evaluation of iteration 21') == 2, p.stderr
     # a step whose loss is non-finite: both ranks stop at the same iteration
-    p = torchrun([*common, '--max_iters=40', '--init_from=resume', '--learning_rate=1e30', '--warmup_iters=0'], check=False)
-    assert p.returncode != 0 and len(re.findall(r'non-finite loss at iteration 11\b', p.stderr)) == 2, p.stderr
-    assert (out / 'ckpt.pt').read_bytes() == before
+    p = torchrun(['train.py', f'--out_dir={nan}', *blow_up, '--max_iters=50'], check=False)
+    assert p.returncode != 0 and len(re.findall(r'non-finite loss at iteration 21\b', p.stderr)) == 2, p.stderr
+    assert (nan / 'ckpt.pt').read_bytes() == before
 
 
 def test_expert_choice_run_logs_both_evaluations_and_perfect_training_balance(data_dir, tmp_path):
     out = tmp_path / 'out'
-    p = run(['train.py', 'config/moe_expert_choice.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}',
-             '--max_iters=20', '--eval_interval=10', '--lr_decay_iters=20'])
+    p = run_script('train.py', ['config/moe_expert_choice.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}',
+                                '--max_iters=20', '--eval_interval=10', '--lr_decay_iters=20'])
     ev = evals(out)
     assert [r['iter'] for r in ev] == [0, 10, 20]
     for r in ev:
@@ -681,33 +648,31 @@ def test_expert_choice_run_logs_both_evaluations_and_perfect_training_balance(da
     assert [r for r in metrics(out) if r['type'] == 'expert_selection'][0]['counts']   # causal, like eval
 
 
-def test_resume_refuses_data_of_another_vocabulary(data_dir, tmp_path):
+def test_resume_refuses_data_of_another_vocabulary(tiny_run, tmp_path):
     """A checkpoint trained on GPT-2-style ids resumed on a compact dataset (or the other way round) would go on
     training on ids that mean other tokens: refused in one line."""
     import pickle
-    out = tmp_path / 'out'
-    run(['train.py', 'config/dense.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2',
-         '--eval_interval=2'])
+    out = copy_run(tiny_run('dense')[0], tmp_path)                 # data without a meta.pkl: GPT-2-style ids
     compact = random_token_data(tmp_path / 'compact', 128, 3000)
     with open(os.path.join(compact, 'meta.pkl'), 'wb') as f:
         pickle.dump({'vocab_size': 300, 'gpt2_ids': list(range(256)) + list(range(1000, 1043)) + [50256]}, f)
-    p = run(['train.py', f'--out_dir={out}', '--init_from=resume', '--max_iters=4', f'--data_dir={compact}'], check=False)
+    p = run_script('train.py', [f'--out_dir={out}', '--init_from=resume', '--max_iters=70', f'--data_dir={compact}'],
+                   check=False)
     assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and 'Traceback' not in p.stderr, p.stderr
     assert 'holds ids of a 300-token compact vocabulary, but the checkpoint was trained on GPT-2 one' in p.stderr
 
 
-def test_expert_choice_group_must_divide_the_batch_and_eval_only_always_looks(data_dir, tmp_path):
-    p = run(['train.py', 'config/moe_expert_choice.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path / "x"}',
-             '--expert_choice_group=48'], check=False)
+def test_expert_choice_group_must_divide_the_batch_and_eval_only_always_looks(data_dir, tiny_run, tmp_path):
+    p = run_script('train.py', ['config/moe_expert_choice.py', *TINY, f'--data_dir={data_dir}',
+                                f'--out_dir={tmp_path / "x"}', '--expert_choice_group=48'], check=False)
     assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and 'Traceback' not in p.stderr
     assert 'expert_choice_group=48 must divide the 256 tokens of a batch' in p.stderr
-    # a look with another eval_interval than the run's still evaluates (it once wrote only a config row)
-    out = tmp_path / 'run'
-    run(['train.py', 'config/dense.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=4',
-         '--eval_interval=4'])
-    run(['train.py', f'--out_dir={out}', '--init_from=resume', '--eval_only=True', '--eval_interval=3'])
+    # a look with another eval_interval than the run's still evaluates (it once wrote only a config row): the run
+    # ended at 60, which 7 does not divide
+    out = copy_run(tiny_run('dense')[0], tmp_path)
+    run_script('train.py', [f'--out_dir={out}', '--init_from=resume', '--eval_only=True', '--eval_interval=7'])
     looks = [r for r in evals(out) if r.get('eval_only')]
-    assert len(looks) == 1 and looks[0]['iter'] == 4
+    assert len(looks) == 1 and looks[0]['iter'] == 60
 
 
 def test_gpt2_data_needs_gpt2_s_vocabulary_without_a_scan(tmp_path):
@@ -716,19 +681,11 @@ def test_gpt2_data_needs_gpt2_s_vocabulary_without_a_scan(tmp_path):
     d = random_token_data(tmp_path / 'data', 100, 3000)
     with open(os.path.join(d, 'meta.json'), 'w') as f:
         json.dump({'tokenizer': 'tiktoken gpt2', 'vocab_size': 50257}, f)
-    p = run(['train.py', 'config/dense.py', *TINY, f'--data_dir={d}', f'--out_dir={tmp_path / "x"}'], check=False)
+    p = run_script('train.py', ['config/dense.py', *TINY, f'--data_dir={d}', f'--out_dir={tmp_path / "x"}'], check=False)
     assert p.returncode != 0 and 'vocab_size=128 is smaller than the data needs: it holds token ids up to 50256' in p.stderr
 
 
-def run_in_process(argv: list[str], monkeypatch) -> None:
-    """python train.py ARGV inside this process (no second torch import): a user error is a SystemExit."""
-    import runpy
-    monkeypatch.setattr(sys, 'argv', ['train.py', *argv])
-    monkeypatch.chdir(REPO)
-    runpy.run_path(os.path.join(REPO, 'train.py'), run_name='__main__')
-
-
-def test_a_stale_gpt2_bin_beside_a_compact_meta_pkl_is_one_line(tmp_path, monkeypatch):
+def test_a_stale_gpt2_bin_beside_a_compact_meta_pkl_is_one_line(tmp_path):
     """GPT-2 ids (up to 50,256) beside a compact meta.pkl of 300 ids, as a kill between prepare.py --vocab's renames
     leaves them: train.py took vocab_size 300 from meta.pkl and crashed in the embedding (IndexError; a device-side
     assert on a GPU). It must check the ids first and say how to rewrite the folder."""
@@ -738,24 +695,25 @@ def test_a_stale_gpt2_bin_beside_a_compact_meta_pkl_is_one_line(tmp_path, monkey
         pickle.dump({'vocab_size': 300, 'gpt2_ids': list(range(256)) + list(range(1000, 1043)) + [50256]}, f)
     args = ['config/dense.py', *[a for a in TINY if not a.startswith('--vocab_size')], f'--data_dir={d}',
             f'--out_dir={tmp_path / "out"}', '--max_iters=2']
-    with pytest.raises(SystemExit) as e:
-        run_in_process(args, monkeypatch)
-    message = str(e.value)
-    assert message.startswith(f"error: {d}/train.bin holds token id 5") and '\n' not in message, message
+    p = run_script('train.py', args, check=False)
+    message = p.stderr
+    assert p.returncode == 1 and message.count('\n') == 1, message
+    assert message.startswith(f"error: {d}/train.bin holds token id 5"), message
     assert "describes 300 ids (0..299)" in message
-    assert message.endswith(f"write the folder again with python data/<name>/prepare.py --vocab 300 --out-dir {d}")
+    assert message.endswith(f"write the folder again with python data/<name>/prepare.py --vocab 300 --out-dir {d}\n")
     assert not os.path.exists(tmp_path / 'out' / 'ckpt.pt')
 
 
-def test_the_balancing_bias_follows_bias_update_schedule(data_dir, tmp_path, monkeypatch):
+def test_the_balancing_bias_follows_bias_update_schedule(data_dir, tmp_path):
     """config/deepseek_moe.py sets bias_update_schedule='lr': after the warmup each step's gamma is scaled by the LR's
     decay. With an eval after every step, each eval row holds one step's expert counts, so the biases at the end must
     be the sum over steps of gamma * scale_t * sign(mean_t - load_t), computed here from those counts; under
     'constant' (what train.py did when it ignored the schedule) the sum differs."""
     from train import bias_update_scale
     out = tmp_path / 'out'
-    run_in_process(['config/deepseek_moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=5',
-                    '--warmup_iters=2', '--lr_decay_iters=5', '--eval_interval=1', '--eval_iters=1'], monkeypatch)
+    run_script('train.py', ['config/deepseek_moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}',
+                            '--max_iters=5', '--warmup_iters=2', '--lr_decay_iters=5', '--eval_interval=1',
+                            '--eval_iters=1'])
     steps = [(r['iter'] - 1, np.array(r['expert_counts'], dtype=np.float64)) for r in evals(out) if 'expert_counts' in r]
     assert [it for it, _ in steps] == list(range(5))
 
@@ -817,7 +775,7 @@ def test_wandb_scalars_by_hand():
         'eval_maxvio_batch/layer1': 0.6, 'eval_maxvio_batch/layer3': 1.0}
 
 
-def test_a_collapsing_router_warns_and_wandb_gets_every_layer(data_dir, tmp_path, monkeypatch, capsys):
+def test_a_collapsing_router_warns_and_wandb_gets_every_layer(data_dir, tmp_path, monkeypatch):
     """config/moe.py with its balancing losses off and every router biased to experts 0 and 1 from the start: at each
     eval the run prints one warning line naming the layers, the idle experts and what helps. The same run logs to
     wandb offline: per MoE layer maxvio_batch, maxvio_global, the dropped share, and the expert shares at evals."""
@@ -838,10 +796,10 @@ def test_a_collapsing_router_warns_and_wandb_gets_every_layer(data_dir, tmp_path
                         ('WANDB_SILENT', 'true')):
         monkeypatch.setenv(name, value)
     out = tmp_path / 'out'
-    run_in_process(['config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=4',
-                    '--lr_decay_iters=8', '--eval_interval=2', '--eval_iters=1', '--log_interval=1',
-                    '--balance_loss_coef=0', '--z_loss_coef=0', '--wandb_log=True'], monkeypatch)
-    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith('warning:')]
+    p = run_script('train.py', ['config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=4',
+                                '--lr_decay_iters=8', '--eval_interval=2', '--eval_iters=1', '--log_interval=1',
+                                '--balance_loss_coef=0', '--z_loss_coef=0', '--wandb_log=True'])
+    warnings = [line for line in p.stdout.splitlines() if line.startswith('warning:')]
     assert len(warnings) == 2, warnings                  # the evals at 2 and 4; none at 0 (no steps yet)
     assert warnings[0] == (
         "warning: expert collapse in iterations 0-1: layer 0: experts 2, 3, 4, 5, 6, 7 (6 of 8) got no tokens and "
