@@ -1,4 +1,5 @@
-"""compare.py on hand-written metrics.jsonl files (the schema train.py writes) and on two tiny real runs."""
+"""compare.py on hand-written metrics.jsonl files (the schema train.py writes) and on two tiny real runs (the session's
+shared ones); run inside this process, and once as a process of its own."""
 
 import itertools
 import json
@@ -11,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, random_token_data, subprocess_env as env
+from conftest import REPO, copy_run, run_script, subprocess_env as env
 from compare import (FFN_SETTINGS, IGNORED_SETTINGS, MAXVIO_FLOOR, T_975, balancing_kind, count_label, curve_band,
                      differing_settings, group_runs, incomparable_settings, layer_mean, load_run, load_shares,
                      maxvio_spread, mean_interval, merge_per_iter, not_compared_text, pair_line, pair_stats,
@@ -21,11 +22,8 @@ from compare import (FFN_SETTINGS, IGNORED_SETTINGS, MAXVIO_FLOOR, T_975, balanc
 
 
 def compare(*args, check=True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, 'compare.py', *map(str, args)], cwd=REPO, env=env(), capture_output=True,
-                       text=True, timeout=300)
-    if check and p.returncode:
-        raise AssertionError(p.stdout + p.stderr)
-    return p
+    """python compare.py ARGS, inside this process (test_default_finds_out_dirs_in_cwd starts it as a process)."""
+    return run_script('compare.py', args, check=check)
 
 
 def config_row(config_files: list[str] | None, total: int = 1000, active: int = 1000, **settings) -> dict:
@@ -581,43 +579,35 @@ def test_default_finds_out_dirs_in_cwd(runs):
     assert (runs / 'compare_out' / 'val_loss.png').exists()
 
 
-def test_two_tiny_real_runs_and_routing(tmp_path, gpt2):
-    data = random_token_data(tmp_path / 'data', 1000, 8000)
-    tiny = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_embd=32', '--n_head=2', '--block_size=32',
-            '--batch_size=4', '--eval_iters=2', '--max_iters=10', '--eval_interval=5', '--log_interval=5',
-            f'--data_dir={data}']
-    for config in ('dense', 'deepseek_moe'):
-        subprocess.run([sys.executable, 'train.py', f'config/{config}.py', *tiny, f'--out_dir={tmp_path / ("out-" + config)}'],
-                       cwd=REPO, env=env(), check=True, capture_output=True, timeout=300)
+def test_two_tiny_real_runs_and_routing(gpt2_run, tmp_path, gpt2):
+    dense = gpt2_run('dense')[0]                         # 10 iterations each, evals at 0, 5 and 10 (conftest)
+    run_dir = copy_run(gpt2_run('deepseek_moe')[0], tmp_path, 'out-deepseek_moe')      # it gets a look
     # an eval_only look at the finished deepseek_moe run appends a config row and an eval row at iteration 10
-    run_dir = tmp_path / 'out-deepseek_moe'
     before = read_metrics(str(run_dir / 'metrics.jsonl'))
-    subprocess.run([sys.executable, 'train.py', '--init_from=resume', f'--out_dir={run_dir}', '--eval_only=True'],
-                   cwd=REPO, env=env(), check=True, capture_output=True, timeout=300)
+    run_script('train.py', ['--init_from=resume', f'--out_dir={run_dir}', '--eval_only=True'])
     look = read_metrics(str(run_dir / 'metrics.jsonl'))[len(before):]
     assert [(r['type'], r['iter']) for r in look] == [('config', 10), ('eval', 10)] and look[0]['config']['eval_only']
     assert 'maxvio_batch' not in look[1]
     own_final = [r for r in before if r['type'] == 'eval'][-1]
     out = tmp_path / 'cmp'
-    p = compare(tmp_path / 'out-dense', tmp_path / 'out-deepseek_moe', '--out', out)
+    p = compare(dense, run_dir, '--out', out)
     assert all((out / f).exists() for f in ('val_loss.png', 'expert_selection.png', 'maxvio.png', 'summary.md', 'summary.json'))
     look_free = json.loads((out / 'summary.json').read_text())['groups'][1]
     assert look_free['label'] == 'deepseek_moe (1 run)' and look_free['final_val_loss_runs'] == [own_final['val_loss']]
     assert look_free['final_maxvio_batch'] == pytest.approx(np.mean(own_final['maxvio_batch']))
-    sel = [r for r in read_metrics(str(tmp_path / 'out-deepseek_moe' / 'metrics.jsonl')) if r['type'] == 'expert_selection'][0]
+    sel = [r for r in read_metrics(str(run_dir / 'metrics.jsonl')) if r['type'] == 'expert_selection'][0]
     assert all(sum(layer) == pytest.approx(1.0) for layer in load_shares(sel['counts']))
     assert '| deepseek_moe (1 run) | 1 | deepseek_moe' in p.stdout
     groups = json.loads((out / 'summary.json').read_text())['groups']
     assert groups[1]['final_maxvio_batch'] is not None and groups[1]['final_maxvio_global'] is not None
-    p = compare('--routing', tmp_path / 'out-deepseek_moe', '--text', 'Once upon a time', '--out', out,
-                '--val-tokens', 2000)
+    p = compare('--routing', run_dir, '--text', 'Once upon a time', '--out', out, '--val-tokens', 2000)
     assert (out / 'routing.png').exists()
     top = (out / 'top_tokens.md').read_text()
     rows = [line for line in top.splitlines() if re.match(r'\| \d+ \|', line)]
     assert len(rows) == 30                                          # one row per routed expert
     slots = sum(int(line.split('|')[2].replace(',', '')) for line in rows)
     assert slots == (2000 // 32) * 32 * 6                          # every validation token, top-6
-    p = compare('--routing', tmp_path / 'out-dense', check=False)
+    p = compare('--routing', dense, check=False)
     assert p.returncode != 0 and 'dense run' in p.stderr
 
 
