@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, SHARED, subprocess_env as env
+from conftest import REPO, SHARED, run_script
 from dataset import GPT2_EOT, Vocab, byte_tokens, open_data, prepare_command, read_meta, vocab_for_data_dir
 
 sys.path.insert(0, os.path.join(REPO, 'data'))
@@ -172,11 +172,8 @@ def test_read_meta_refuses_code_and_runs_none(tmp_path, how):
 
 
 def prepare(*args) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, 'data/tinystories/prepare.py', *map(str, args)], cwd=REPO, env=env(),
-                       capture_output=True, text=True, timeout=600)
-    if p.returncode:
-        raise AssertionError(p.stderr)
-    return p
+    """python data/tinystories/prepare.py ARGS, inside this process (conftest.run_script)."""
+    return run_script('data/tinystories/prepare.py', args)
 
 
 @pytest.fixture(scope='module')
@@ -243,10 +240,8 @@ TINY = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_embd=32', '--n_he
 
 
 def script(*args, check=True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-    if check and p.returncode:
-        raise AssertionError(p.stdout + p.stderr)
-    return p
+    """python SCRIPT ARGS, inside this process (conftest.run_script)."""
+    return run_script(args[0], args[1:], check=check)
 
 
 def test_train_takes_vocab_size_from_meta_and_sample_decodes_through_it(sample, tmp_path):
