@@ -1,4 +1,5 @@
-"""data/*/prepare.py as a user runs them, on small local text files."""
+"""data/*/prepare.py as a user runs them, on small local text files: inside this process (conftest.run_script), and
+each script once as a process of its own (test_hub_unreachable_points_to_input)."""
 
 import argparse
 import json
@@ -11,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, SHARED, subprocess_env as env
+from conftest import REPO, SHARED, run_script, subprocess_env as env
 
 sys.path.insert(0, os.path.join(REPO, 'data'))
 import prepare_common  # noqa: E402
@@ -27,11 +28,8 @@ def write_docs(path, docs):
 
 
 def prepare(name: str, *args, check=True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, f'data/{name}/prepare.py', *map(str, args)], cwd=REPO, env=env(),
-                       capture_output=True, text=True, timeout=300)
-    if check and p.returncode:
-        raise AssertionError(p.stderr)
-    return p
+    """python data/NAME/prepare.py ARGS, inside this process."""
+    return run_script(f'data/{name}/prepare.py', args, check=check)
 
 
 def test_read_documents_splits_on_separator_lines(tmp_path):
@@ -111,6 +109,8 @@ def test_errors_are_one_line(tmp_path):
 
 @pytest.mark.parametrize('name', ['tinystories', 'openwebtext'])
 def test_hub_unreachable_points_to_input(name, tmp_path):
+    """Each script once as a process of its own: exit code, stderr, and Hugging Face's offline switches, which datasets
+    reads when it is imported."""
     pytest.importorskip('datasets')
     p = subprocess.run([sys.executable, f'data/{name}/prepare.py', '--out-dir', str(tmp_path)], cwd=REPO,
                        env={**env(), 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'},
