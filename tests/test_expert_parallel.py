@@ -14,14 +14,16 @@ from expert_parallel import (clip_gradients, expert_groups, expert_params, full_
 from model import GPT, GPTConfig, load_checkpoint
 from moe import all_to_all_experts
 from test_moe import CASES, make_layer
-from conftest import REPO
-from test_train import TINY, evals, metrics, run
+from conftest import REPO, TINY, run_script
+from test_train import evals, metrics, run
 from train import DEFAULTS, check_settings
 
 
 def spawn(fn, world: int, tmp_path, *args) -> None:
-    """fn(rank, world, *args) in world gloo processes; a failed assert in any of them fails the test."""
-    mp.spawn(_worker, args=(fn, world, str(tmp_path / 'store'), args), nprocs=world)
+    """fn(rank, world, *args) in world gloo processes; a failed assert in any of them fails the test. Forked, not
+    spawned: a spawned process imports torch and these tests again (2-3 s each, 4 processes on 2 cores), a forked
+    one has them already (PyTorch's own distributed tests fork too); no process group exists before the fork."""
+    mp.start_processes(_worker, args=(fn, world, str(tmp_path / 'store'), args), nprocs=world, start_method='fork')
 
 
 def _worker(rank: int, fn, world: int, store: str, args: tuple) -> None:
@@ -236,7 +238,7 @@ def test_ep_run_matches_ddp_and_their_checkpoints_resume_each_other(data_dir, tm
         for key, value in state.items():
             torch.testing.assert_close(a['optimizer']['state'][i][key], value, atol=1e-5, rtol=1e-4)
     # a single process opens the EP checkpoint: its evaluation is the EP run's last
-    run(['train.py', f'--out_dir={ep}', '--init_from=resume', '--eval_only=True'])
+    run_script('train.py', [f'--out_dir={ep}', '--init_from=resume', '--eval_only=True'])
     look = [r for r in evals(ep) if r.get('eval_only')][0]
     assert look['val_loss'] == pytest.approx(evals(ep)[-2]['val_loss'], abs=1e-4)
     # each resumes the other's checkpoint: EP from DDP's, DDP from EP's
@@ -269,8 +271,8 @@ def test_expert_parallel_settings_are_checked(data_dir, tmp_path):
                          (dict(expert_parallel=0), 'expert_parallel=0 must be >= 1')]:
         with pytest.raises(ValueError, match=message):
             check_settings(dict(base, **bad))
-    p = run(['train.py', 'config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path / "x"}',
-             '--expert_parallel=2'], check=False)
+    p = run_script('train.py', ['config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path / "x"}',
+                                '--expert_parallel=2'], check=False)
     assert p.returncode != 0 and 'Traceback' not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert 'expert_parallel=2 must divide the number of processes (1); start them with torchrun' in p.stderr
 
