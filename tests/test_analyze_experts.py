@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import analyze_experts as ae
-from conftest import random_token_data
+from conftest import REPO, random_token_data, subprocess_env
 from model import GPT, GPTConfig
 
 TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
@@ -259,6 +260,16 @@ def test_a_run_without_checkpoint_is_one_line(runs, tmp_path, capsys):
     (tmp_path / 'empty').mkdir()
     code, out = run_main([str(tmp_path / 'empty'), '--out', str(tmp_path / 'o')], capsys)
     assert isinstance(code, str) and code.startswith('error: ') and 'holds no ckpt.pt' in code and '\n' not in code
+
+
+def test_the_script_as_a_process_exits_1_with_one_line(tmp_path):
+    """The script's one run as a process of its own (the others call main() here): exit code 1, the error alone on
+    stderr."""
+    (tmp_path / 'empty').mkdir()
+    p = subprocess.run([sys.executable, 'analyze_experts.py', str(tmp_path / 'empty'), '--out', str(tmp_path / 'o')],
+                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and p.stderr.startswith('error: ') and p.stderr.count('\n') == 1, p.stderr
+    assert 'holds no ckpt.pt' in p.stderr and not (tmp_path / 'o').exists()
 
 
 def test_a_dense_run_is_one_line(runs, tmp_path, capsys):
