@@ -483,7 +483,8 @@ def test_user_errors_are_one_clean_line(data_dir, tmp_path):
     out = tmp_path / 'out'
     out.mkdir()
     (out / 'ckpt.pt').write_bytes(b'\x00garbage' * 100)
-    p = train('config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--init_from=resume', '--max_iters=5')
+    p = train('config/moe.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--init_from=resume',
+              '--max_iters=5')
     assert p.returncode != 0 and 'Traceback' not in p.stderr and 'corrupt' in p.stderr
     assert (out / 'ckpt.pt').read_bytes() == b'\x00garbage' * 100
     # training from scratch into a run directory with a checkpoint refuses instead of overwriting it
@@ -546,7 +547,8 @@ def test_logged_loss_is_the_mean_over_micro_steps(data_dir, tmp_path):
     common = ['config/dense.py', *TINY, f'--data_dir={data_dir}', '--max_iters=3', '--eval_interval=3',
               '--lr_decay_iters=10', '--log_interval=1']
     run_script('train.py', [*common, f'--out_dir={tmp_path / "one"}', '--batch_size=8'])
-    run_script('train.py', [*common, f'--out_dir={tmp_path / "four"}', '--batch_size=2', '--gradient_accumulation_steps=4'])
+    run_script('train.py', [*common, f'--out_dir={tmp_path / "four"}', '--batch_size=2',
+                            '--gradient_accumulation_steps=4'])
     one = [r['loss'] for r in metrics(tmp_path / 'one') if r['type'] == 'train']
     four = [r['loss'] for r in metrics(tmp_path / 'four') if r['type'] == 'train']
     assert len(one) == len(four) == 3
@@ -681,7 +683,8 @@ def test_gpt2_data_needs_gpt2_s_vocabulary_without_a_scan(tmp_path):
     d = random_token_data(tmp_path / 'data', 100, 3000)
     with open(os.path.join(d, 'meta.json'), 'w') as f:
         json.dump({'tokenizer': 'tiktoken gpt2', 'vocab_size': 50257}, f)
-    p = run_script('train.py', ['config/dense.py', *TINY, f'--data_dir={d}', f'--out_dir={tmp_path / "x"}'], check=False)
+    p = run_script('train.py', ['config/dense.py', *TINY, f'--data_dir={d}', f'--out_dir={tmp_path / "x"}'],
+                   check=False)
     assert p.returncode != 0 and 'vocab_size=128 is smaller than the data needs: it holds token ids up to 50256' in p.stderr
 
 
