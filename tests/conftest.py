@@ -114,46 +114,49 @@ def copy_run(run_dir, tmp_path, name: str = 'run'):
     return shutil.copytree(run_dir, tmp_path / name)
 
 
-class SharedRuns:
-    """Tiny runs trained once per session (in this process, on first use) and read by many tests. A test that
-    writes into one copies it first (copy_run); at the end of the session every file must be as it was made."""
+def train_shared_runs(root, configs: tuple[str, ...], args) -> dict:
+    """{config: (run directory, what train.py printed)}: python train.py args(config, out_dir) for each config, in
+    this process. Trained when the fixture is set up, before any test body can patch what train.py uses."""
+    runs = {}
+    for config in configs:
+        out = root / config
+        runs[config] = (out, run_script('train.py', args(config, out)).stdout)
+    return runs
 
-    def __init__(self, root, make):
-        self.root, self.make, self.made = root, make, {}
 
-    def __call__(self, config: str):
-        """(run directory, what train.py printed) of config/<config>.py."""
-        if config not in self.made:
-            out = self.root / config
-            p = run_script('train.py', self.make(config, out))
-            self.made[config] = (out, p.stdout, digest(out))
-        return self.made[config][:2]
-
-    def check_untouched(self) -> None:
-        for config, (out, _, made) in self.made.items():
-            assert digest(out) == made, f"a test wrote into the shared {config} run {out}: copy it first (copy_run)"
+def check_untouched(runs: dict, made: dict) -> None:
+    """Every file of the shared runs as it was made: a test that writes into one must copy it first (copy_run)."""
+    for config, (out, _) in runs.items():
+        assert digest(out) == made[config], f"a test wrote into the shared {config} run {out}: copy it first (copy_run)"
 
 
 @pytest.fixture(scope='session')
-def tiny_run(data_dir, tmp_path_factory):
-    """tiny_run(config) -> (run_dir, stdout): config/<config>.py (dense, moe, deepseek_moe, ...) at the TINY size on
-    data_dir, 60 iterations with evals at 0, 30 and 60 (the learnable data: the val loss falls by more than 1)."""
-    runs = SharedRuns(tmp_path_factory.mktemp('tiny_runs'), lambda config, out: [
-        f'config/{config}.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=60',
-        '--eval_interval=30', '--lr_decay_iters=60'])
+def tiny_runs(data_dir, tmp_path_factory):
+    """{config: (run_dir, stdout)} of config/dense.py, moe.py and deepseek_moe.py at the TINY size on data_dir, 60
+    iterations with evals at 0, 30 and 60 (the learnable data: the val loss falls by more than 1), made once a
+    session and shared by the tests that read them."""
+
+    def args(config, out):
+        return [f'config/{config}.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=60',
+                '--eval_interval=30', '--lr_decay_iters=60']
+    runs = train_shared_runs(tmp_path_factory.mktemp('tiny_runs'), ('dense', 'moe', 'deepseek_moe'), args)
+    made = {config: digest(out) for config, (out, _) in runs.items()}
     yield runs
-    runs.check_untouched()
+    check_untouched(runs, made)
 
 
 @pytest.fixture(scope='session')
-def gpt2_run(tmp_path_factory):
-    """gpt2_run(config) -> (run_dir, stdout): config/<config>.py at the TINY size but with GPT-2's vocabulary
+def gpt2_runs(tmp_path_factory):
+    """{config: (run_dir, stdout)} of config/dense.py and deepseek_moe.py at the TINY size but with GPT-2's vocabulary
     (50,304 rows: sample.py and compare.py --routing encode text with GPT-2's BPE) on random GPT-2 ids, 10
-    iterations with evals at 0, 5 and 10."""
+    iterations with evals at 0, 5 and 10, made once a session and shared by the tests that read them."""
     data = random_token_data(tmp_path_factory.mktemp('gpt2_data'), 50257, 8000)
     size = [a for a in TINY if not a.startswith(('--vocab_size', '--batch_size', '--eval_iters', '--warmup_iters'))]
-    runs = SharedRuns(tmp_path_factory.mktemp('gpt2_runs'), lambda config, out: [
-        f'config/{config}.py', *size, '--batch_size=4', '--eval_iters=2', '--warmup_iters=2', f'--data_dir={data}',
-        f'--out_dir={out}', '--max_iters=10', '--eval_interval=5', '--lr_decay_iters=20'])
+
+    def args(config, out):
+        return [f'config/{config}.py', *size, '--batch_size=4', '--eval_iters=2', '--warmup_iters=2',
+                f'--data_dir={data}', f'--out_dir={out}', '--max_iters=10', '--eval_interval=5', '--lr_decay_iters=20']
+    runs = train_shared_runs(tmp_path_factory.mktemp('gpt2_runs'), ('dense', 'deepseek_moe'), args)
+    made = {config: digest(out) for config, (out, _) in runs.items()}
     yield runs
-    runs.check_untouched()
+    check_untouched(runs, made)

@@ -41,10 +41,10 @@ class Marker:
 
 
 @pytest.fixture(scope='module')
-def trained(gpt2_run):
+def trained(gpt2_runs):
     """A real checkpoint of a tiny deepseek_moe run (GPT-2-sized vocabulary, so sample.py can decode): the session's
-    shared one, 10 iterations (conftest.gpt2_run), read here and never written."""
-    return gpt2_run('deepseek_moe')[0]
+    shared one, 10 iterations (conftest.gpt2_runs), read here and never written."""
+    return gpt2_runs['deepseek_moe'][0]
 
 
 def crafted(tmp_path, trained, name='evil'):

@@ -579,9 +579,9 @@ def test_default_finds_out_dirs_in_cwd(runs):
     assert (runs / 'compare_out' / 'val_loss.png').exists()
 
 
-def test_two_tiny_real_runs_and_routing(gpt2_run, tmp_path, gpt2):
-    dense = gpt2_run('dense')[0]                         # 10 iterations each, evals at 0, 5 and 10 (conftest)
-    run_dir = copy_run(gpt2_run('deepseek_moe')[0], tmp_path, 'out-deepseek_moe')      # it gets a look
+def test_two_tiny_real_runs_and_routing(gpt2_runs, tmp_path, gpt2):
+    dense = gpt2_runs['dense'][0]                         # 10 iterations each, evals at 0, 5 and 10 (conftest)
+    run_dir = copy_run(gpt2_runs['deepseek_moe'][0], tmp_path, 'out-deepseek_moe')      # it gets a look
     # an eval_only look at the finished deepseek_moe run appends a config row and an eval row at iteration 10
     before = read_metrics(str(run_dir / 'metrics.jsonl'))
     run_script('train.py', ['--init_from=resume', f'--out_dir={run_dir}', '--eval_only=True'])

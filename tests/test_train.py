@@ -215,8 +215,8 @@ def test_configurator_errors(tmp_path):
 
 
 @pytest.mark.parametrize('config', ['dense', 'moe', 'deepseek_moe'])
-def test_short_run_of_each_config_lowers_val_loss(config, tiny_run):
-    out, stdout = tiny_run(config)             # 60 iterations, evals at 0, 30 and 60 (conftest.tiny_run)
+def test_short_run_of_each_config_lowers_val_loss(config, tiny_runs):
+    out, stdout = tiny_runs[config]             # 60 iterations, evals at 0, 30 and 60 (conftest.tiny_runs)
     rows = metrics(out)
     assert rows[0]['type'] == 'config' and rows[0]['model_args']['ffn_type'] == config
     assert rows[0]['total_params'] >= rows[0]['active_params'] > 0
@@ -296,8 +296,8 @@ def test_resume_is_exact(config, data_dir, tmp_path):
         assert ma.moe_layers()[0].expert_bias.abs().sum() > 0
 
 
-def test_resume_honours_the_settings_given_now(tiny_run, tmp_path):
-    out = copy_run(tiny_run('deepseek_moe')[0], tmp_path)          # 60 iterations of config/deepseek_moe.py
+def test_resume_honours_the_settings_given_now(tiny_runs, tmp_path):
+    out = copy_run(tiny_runs['deepseek_moe'][0], tmp_path)          # 60 iterations of config/deepseek_moe.py
     bias_before = [m.expert_bias.clone() for m in load_checkpoint(str(out / 'ckpt.pt'))[0].moe_layers()]
     assert all(b.abs().sum() > 0 for b in bias_before)              # gamma = 0.001 moved them
     run_script('train.py', [f'--out_dir={out}', '--max_iters=70', '--init_from=resume', '--bias_update_speed=0.0',
@@ -320,9 +320,9 @@ def test_resume_honours_the_settings_given_now(tiny_run, tmp_path):
     assert (out / 'ckpt.pt').read_bytes() == before
 
 
-def test_an_eval_only_look_changes_nothing(tiny_run, tmp_path):
+def test_an_eval_only_look_changes_nothing(tiny_runs, tmp_path):
     """--eval_only on a finished run evaluates and leaves the checkpoint alone, so the run can still be extended."""
-    out = copy_run(tiny_run('dense')[0], tmp_path)                 # 60 iterations, evals at 0, 30, 60
+    out = copy_run(tiny_runs['dense'][0], tmp_path)                 # 60 iterations, evals at 0, 30, 60
     before = (out / 'ckpt.pt').read_bytes()
     p = run_script('train.py', [f'--out_dir={out}', '--init_from=resume', '--eval_only=True'])
     assert 'eval 60:' in p.stdout and (out / 'ckpt.pt').read_bytes() == before
@@ -384,10 +384,10 @@ BLOW_UP = ['--init_from=resume', '--learning_rate=1e30', '--warmup_iters=0', '--
            '--always_save_checkpoint=True']
 
 
-def test_diverged_eval_never_replaces_a_good_checkpoint(tiny_run, tmp_path):
+def test_diverged_eval_never_replaces_a_good_checkpoint(tiny_runs, tmp_path):
     """The step before the eval has a finite loss, and its update (lr 1e30) blows the weights up: the eval
     then sees NaN. Saving that (always_save_checkpoint) would replace the good checkpoint."""
-    out = copy_run(tiny_run('dense')[0], tmp_path)
+    out = copy_run(tiny_runs['dense'][0], tmp_path)
     before = (out / 'ckpt.pt').read_bytes()
     p = run_script('train.py', [f'--out_dir={out}', *BLOW_UP, '--max_iters=61', '--eval_interval=1'], check=False)
     assert p.returncode != 0 and 'Traceback' not in p.stderr, p.stderr
@@ -493,8 +493,8 @@ def test_user_errors_are_one_clean_line(data_dir, tmp_path):
     assert (out / 'ckpt.pt').read_bytes() == b'\x00garbage' * 100
 
 
-def test_non_finite_loss_stops_with_the_iteration(tiny_run, tmp_path):
-    out = copy_run(tiny_run('dense')[0], tmp_path)
+def test_non_finite_loss_stops_with_the_iteration(tiny_runs, tmp_path):
+    out = copy_run(tiny_runs['dense'][0], tmp_path)
     before = (out / 'ckpt.pt').read_bytes()
     p = run_script('train.py', [f'--out_dir={out}', *BLOW_UP, '--max_iters=90'], check=False)
     assert p.returncode != 0 and 'Traceback' not in p.stderr
@@ -502,8 +502,8 @@ def test_non_finite_loss_stops_with_the_iteration(tiny_run, tmp_path):
     assert (out / 'ckpt.pt').read_bytes() == before                 # the last good checkpoint stays
 
 
-def test_sample_prints_prompt_and_continuation(gpt2_run, tmp_path):
-    out = gpt2_run('deepseek_moe')[0]
+def test_sample_prints_prompt_and_continuation(gpt2_runs, tmp_path):
+    out = gpt2_runs['deepseek_moe'][0]
     # the process once (exit code 0, what it prints); the other prompts and the error inside this process
     p = run(['sample.py', f'--out_dir={out}', '--start=Once upon a time', '--num_samples=2', '--max_new_tokens=12',
              '--device=cpu'])
@@ -577,8 +577,8 @@ def test_a_nan_in_the_first_micro_step_stops_that_step(data_dir, tmp_path, monke
     assert p.returncode == 1 and 'non-finite loss at iteration 2 ' in p.stderr, p.stderr
 
 
-def test_tokens_are_counted_across_a_resume_that_changes_the_batch(tiny_run, tmp_path):
-    out = copy_run(tiny_run('dense')[0], tmp_path)                 # 60 iterations of 8 x 32 tokens
+def test_tokens_are_counted_across_a_resume_that_changes_the_batch(tiny_runs, tmp_path):
+    out = copy_run(tiny_runs['dense'][0], tmp_path)                 # 60 iterations of 8 x 32 tokens
     run_script('train.py', [f'--out_dir={out}', '--init_from=resume', '--max_iters=80', '--batch_size=4'])
     ev = {r['iter']: r for r in evals(out)}
     assert ev[60]['tokens'] == 60 * 8 * 32
@@ -650,11 +650,11 @@ def test_expert_choice_run_logs_both_evaluations_and_perfect_training_balance(da
     assert [r for r in metrics(out) if r['type'] == 'expert_selection'][0]['counts']   # causal, like eval
 
 
-def test_resume_refuses_data_of_another_vocabulary(tiny_run, tmp_path):
+def test_resume_refuses_data_of_another_vocabulary(tiny_runs, tmp_path):
     """A checkpoint trained on GPT-2-style ids resumed on a compact dataset (or the other way round) would go on
     training on ids that mean other tokens: refused in one line."""
     import pickle
-    out = copy_run(tiny_run('dense')[0], tmp_path)                 # data without a meta.pkl: GPT-2-style ids
+    out = copy_run(tiny_runs['dense'][0], tmp_path)                 # data without a meta.pkl: GPT-2-style ids
     compact = random_token_data(tmp_path / 'compact', 128, 3000)
     with open(os.path.join(compact, 'meta.pkl'), 'wb') as f:
         pickle.dump({'vocab_size': 300, 'gpt2_ids': list(range(256)) + list(range(1000, 1043)) + [50256]}, f)
@@ -664,14 +664,14 @@ def test_resume_refuses_data_of_another_vocabulary(tiny_run, tmp_path):
     assert 'holds ids of a 300-token compact vocabulary, but the checkpoint was trained on GPT-2 one' in p.stderr
 
 
-def test_expert_choice_group_must_divide_the_batch_and_eval_only_always_looks(data_dir, tiny_run, tmp_path):
+def test_expert_choice_group_must_divide_the_batch_and_eval_only_always_looks(data_dir, tiny_runs, tmp_path):
     p = run_script('train.py', ['config/moe_expert_choice.py', *TINY, f'--data_dir={data_dir}',
                                 f'--out_dir={tmp_path / "x"}', '--expert_choice_group=48'], check=False)
     assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and 'Traceback' not in p.stderr
     assert 'expert_choice_group=48 must divide the 256 tokens of a batch' in p.stderr
     # a look with another eval_interval than the run's still evaluates (it once wrote only a config row): the run
     # ended at 60, which 7 does not divide
-    out = copy_run(tiny_run('dense')[0], tmp_path)
+    out = copy_run(tiny_runs['dense'][0], tmp_path)
     run_script('train.py', [f'--out_dir={out}', '--init_from=resume', '--eval_only=True', '--eval_interval=7'])
     looks = [r for r in evals(out) if r.get('eval_only')]
     assert len(looks) == 1 and looks[0]['iter'] == 60
