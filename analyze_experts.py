@@ -36,11 +36,14 @@ written to. Per group: the mean over seeds and, with 2+ seeds, a 95% t interval 
                     routings paired with a random other token).
 
 Writes to --out: summary.json (those seven keys, and 'runs'), summary.md (the tables, also printed), redundancy.png
-(loss rise against the masked ratio, the headline), k_eval.png, specialization.png, similarity.png, coactivation.png.
+(loss rise against the masked ratio, the headline), k_eval.png, specialization.png, similarity.png, coactivation.png,
+and runs/<run>.json, each run's own measures with the checkpoint hash and settings they came from: an analysis run
+again computes only the runs that are new or changed.
 """
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -685,6 +688,28 @@ def write_outputs(summary: dict, runs: list[dict], out: str, n_tokens: int) -> s
 # -----------------------------------------------------------------------------
 
 
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file (read only)."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_result(path: str, key: dict) -> dict | None:
+    """The measures a previous analysis stored at path, if they were computed from exactly key (the checkpoint's hash
+    and the analysis' settings); None otherwise."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return stored['result'] if stored.get('key') == key else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('runs', nargs='+', help="run directories holding ckpt.pt (moe or deepseek_moe)")
@@ -694,7 +719,6 @@ def main() -> None:
     parser.add_argument('--sim_tokens', type=int, default=2048, help="tokens every expert is run on for the similarity")
     parser.add_argument('--data_dir', default='', help="the validation data (default: the run's own, from its checkpoint)")
     args = parser.parse_args()
-    torch.manual_seed(0)
     runs = []
     try:
         for run_dir in args.runs:       # check every run before the first is analysed
@@ -707,15 +731,27 @@ def main() -> None:
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     groups = group_runs(runs)
-    n_tokens = None
     with tqdm(total=len(runs) * len(MEASURES), desc='runs x measures', unit='measure') as bar:
         for run in runs:
             bar.set_postfix_str(run['name'])
-            model, _, val = open_run(run['dir'], args.data_dir)
-            X, Y = fixed_windows(val, args.windows, model.config.block_size)
-            n_tokens = X.numel()
-            run['result'] = analyze_run(model, X, Y, args.batch, args.sim_tokens,
-                                        tick=lambda name: (bar.set_postfix_str(f"{run['name']}: {name}"), bar.update(1)))
+            # each run's measures are kept in --out/runs/<name>.json with what they were computed from, so that a
+            # rerun (more seeds, a study cut off) computes only what is new or changed
+            key = {'ckpt_sha256': file_sha256(os.path.join(run['dir'], 'ckpt.pt')), 'windows': args.windows,
+                   'sim_tokens': args.sim_tokens, 'data_dir': args.data_dir}
+            cache = os.path.join(args.out, 'runs', f"{run['name']}.json")
+            run['result'] = cached_result(cache, key)
+            if run['result'] is None:
+                torch.manual_seed(0)
+                model, _, val = open_run(run['dir'], args.data_dir)
+                X, Y = fixed_windows(val, args.windows, model.config.block_size)
+                run['result'] = analyze_run(model, X, Y, args.batch, args.sim_tokens,
+                                            tick=lambda name: (bar.set_postfix_str(f"{run['name']}: {name}"), bar.update(1)))
+                os.makedirs(os.path.dirname(cache), exist_ok=True)
+                with open(cache, 'w') as f:
+                    json.dump({'key': key, 'result': run['result']}, f)
+            else:
+                bar.update(len(MEASURES))
+    n_tokens = runs[0]['result']['tokens']
     summary = summarize(groups)
     listed = [{'dir': r['dir'], 'group': g['name'], 'seed': r['seed'], 'iter': r['iter'], 'val_loss': r['result']['val_loss']}
               for g in groups for r in g['runs']]

@@ -229,7 +229,7 @@ def run_main(argv: list[str], capsys) -> tuple[int | str | None, str]:
     return code, out.out + out.err
 
 
-def test_a_whole_analysis_writes_every_measure_and_leaves_the_checkpoints_unchanged(runs, tmp_path, capsys):
+def test_a_whole_analysis_writes_every_measure_and_leaves_the_checkpoints_unchanged(runs, tmp_path, capsys, monkeypatch):
     root, _, dirs = runs
     digest = {d: hashlib.sha256(open(os.path.join(d, 'ckpt.pt'), 'rb').read()).hexdigest() for d in dirs}
     stamp = {d: os.stat(os.path.join(d, 'ckpt.pt')).st_mtime_ns for d in dirs}
@@ -254,6 +254,25 @@ def test_a_whole_analysis_writes_every_measure_and_leaves_the_checkpoints_unchan
     for f in ('summary.md', 'redundancy.png', 'k_eval.png', 'specialization.png', 'similarity.png', 'coactivation.png'):
         assert (tmp_path / 'out' / f).stat().st_size > 0
     assert '## 1. Redundancy' in out
+    # again: every run's measures come back from out/runs/<run>.json, nothing is recomputed, the summary is the same
+    assert sorted(os.listdir(tmp_path / 'out' / 'runs')) == ['deepseek_moe-s1.json', 'deepseek_moe-s2.json', 'moe-s1.json']
+    first = (tmp_path / 'out' / 'summary.json').read_text()
+    monkeypatch.setattr(ae, 'analyze_run', lambda *args, **kwargs: pytest.fail('a stored run was analysed again'))
+    code, out = run_main(dirs + ['--out', str(tmp_path / 'out'), '--windows', '40', '--batch', '8', '--sim_tokens', '64'],
+                         capsys)
+    assert code == 0 and (tmp_path / 'out' / 'summary.json').read_text() == first, out
+
+
+def test_stored_measures_are_used_only_for_the_same_checkpoint_and_settings(tmp_path):
+    path = tmp_path / 'moe-s1.json'
+    key = {'ckpt_sha256': 'ab', 'windows': 256}
+    path.write_text(json.dumps({'key': key, 'result': {'val_loss': 3.0}}))
+    assert ae.cached_result(str(path), dict(key)) == {'val_loss': 3.0}
+    assert ae.cached_result(str(path), {**key, 'ckpt_sha256': 'cd'}) is None       # the checkpoint changed
+    assert ae.cached_result(str(path), {**key, 'windows': 64}) is None              # other settings
+    assert ae.cached_result(str(tmp_path / 'missing.json'), key) is None
+    path.write_text('{"key": ')                                                      # cut off mid-write
+    assert ae.cached_result(str(path), key) is None
 
 
 def test_a_run_without_checkpoint_is_one_line(runs, tmp_path, capsys):
