@@ -476,6 +476,7 @@ def summarize(groups: list[dict]) -> dict:
                                           ('first', 'any', 'first_load_matched', 'any_load_matched')},
                                            'first_random': con[0]['first_random'], 'any_random': con[0]['any_random']})
     summary['pairs'] = group_pairs(groups)
+    summary['k_eval_pairs'] = k_eval_pairs(groups)
     return summary
 
 
@@ -504,6 +505,28 @@ def group_pairs(groups: list[dict]) -> list[dict]:
                           'ci95': p['ci95'], 'method': p['method'], 'seeds_agree': p['seeds_agree'],
                           'n_seeds': p['n_seeds']})
     return pairs
+
+
+def k_eval_pairs(groups: list[dict]) -> list[dict]:
+    """DeepSeekMoE Fig. 5's question, for every two groups a and b: how few of its routed experts a needs at evaluation
+    to match b's own loss. Rows: a's val loss with k_eval experts minus b's with all of its own, for every k_eval of a,
+    with a 95% interval over seeds (paired where the seeds are shared); 'matches' marks the smallest k_eval whose mean
+    difference is <= 0."""
+    rows = []
+    for a in groups:
+        for b in groups:
+            if a is b:
+                continue
+            vb = [(r['seed'], r['result']['val_loss']) for r in b['runs']]
+            first = True
+            for i, row in enumerate(a['runs'][0]['result']['k_eval']):
+                p = pair_stats([(r['seed'], r['result']['k_eval'][i]['val_loss']) for r in a['runs']], vb)
+                matches = first and p['mean_diff'] <= 0
+                first = first and not matches
+                rows.append({'a': a['name'], 'b': b['name'], 'k': row['k'], 'top_k': a['runs'][0]['result']['top_k'],
+                             'mean_diff': p['mean_diff'], 'ci95': p['ci95'], 'method': p['method'],
+                             'seeds_agree': p['seeds_agree'], 'n_seeds': p['n_seeds'], 'matches': matches})
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -570,6 +593,20 @@ def markdown(summary: dict, n_tokens: int) -> str:
         lines.append(f"| {row['group']} | {row['layer']} | {fmt(row['first'])} | {row['first_random']:.3f} | "
                      f"{fmt(row['first_load_matched'])} | {fmt(row['any'])} | {row['any_random']:.3f} | "
                      f"{fmt(row['any_load_matched'])} |")
+    lines += ["", "How few routed experts a group needs at evaluation to match another's loss with all of its own: the "
+              "smallest k at evaluation whose mean difference is <= 0 (DeepSeekMoE Fig. 5: 4 of its 7 routed experts "
+              "matched GShard).", "", "| a with k routed experts - b with all its own | k | difference | 95% interval | seeds |",
+              "|---|---:|---:|---:|---|"]
+    pairs = {(p['a'], p['b']) for p in summary['k_eval_pairs']}
+    for a, b in sorted(pairs, key=lambda ab: [p['a'] for p in summary['k_eval_pairs']].index(ab[0])):
+        rows = [p for p in summary['k_eval_pairs'] if (p['a'], p['b']) == (a, b)]
+        p = next((p for p in rows if p['matches']), None)
+        if p is None:
+            lines.append(f"| {a} - {b} | none of 1-{rows[-1]['k']} | {rows[-1]['mean_diff']:.3f} (at k = {rows[-1]['k']}) | - | - |")
+        else:
+            ci = '-' if p['ci95'] is None else f"[{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]"
+            seeds = f"{p['seeds_agree']}/{p['n_seeds']} same sign" if p['method'] == 'paired' else p['method']
+            lines.append(f"| {a} - {b} | {p['k']} of {p['top_k']} | {p['mean_diff']:.3f} | {ci} | {seeds} |")
     lines += ["", "## Differences between groups (a - b, 95% interval over seeds; paired by seed where they share seeds)", "",
               "| measure | a - b | difference | 95% interval | seeds |", "|---|---|---:|---:|---|"]
     for p in summary['pairs']:

@@ -308,3 +308,19 @@ def test_data_of_another_vocabulary_is_one_line(runs, tmp_path, capsys):
     big = random_token_data(tmp_path / 'big', 500, 2000)   # ids beyond the model's 64
     code, _ = run_main([str(runs[2][0]), '--data_dir', big, '--out', str(tmp_path / 'o')], capsys)
     assert code.startswith('error: ') and "outside" in code and 'vocabulary of 64' in code
+
+
+def test_k_eval_pairs_find_the_fewest_experts_that_match_by_hand():
+    def run(seed, losses, own):
+        return {'seed': seed, 'result': {'top_k': len(losses), 'val_loss': own,
+                                         'k_eval': [{'k': k + 1, 'val_loss': v} for k, v in enumerate(losses)]}}
+    a = {'name': 'a', 'runs': [run(1, [3.5, 3.1, 3.0], 3.0), run(2, [3.7, 3.3, 3.2], 3.2)]}
+    b = {'name': 'b', 'runs': [run(1, [3.4, 3.2], 3.2), run(2, [3.6, 3.3], 3.3)]}
+    rows = ae.k_eval_pairs([a, b])
+    ab = [r for r in rows if r['a'] == 'a']
+    # a - b per k: k=1: (0.3, 0.4) -> 0.35; k=2: (-0.1, 0.0) -> -0.05 (the first <= 0); k=3: (-0.2, -0.1) -> -0.15
+    assert [round(r['mean_diff'], 6) for r in ab] == [0.35, -0.05, -0.15]
+    assert [r['matches'] for r in ab] == [False, True, False]
+    assert ab[1]['method'] == 'paired' and ab[1]['ci95'][0] < -0.05 < ab[1]['ci95'][1]
+    ba = [r for r in rows if r['a'] == 'b']       # b - a: k=1: (0.4, 0.4); k=2: (0.2, 0.1): never matches
+    assert [round(r['mean_diff'], 6) for r in ba] == [0.4, 0.15] and not any(r['matches'] for r in ba)
