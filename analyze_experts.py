@@ -488,6 +488,8 @@ PAIR_NUMBERS = {
     'mean pairwise cosine (layer mean)': lambda r: layer_mean(r['similarity'], 'cosine'),
     'mean pairwise CKA (layer mean)': lambda r: layer_mean(r['similarity'], 'cka'),
     'specialisation by input, normalised (layer mean)': lambda r: layer_mean(r['vocab_specialization'], 'input', 'normalized'),
+    'specialisation by next token, normalised (layer mean)':
+        lambda r: layer_mean(r['vocab_specialization'], 'next', 'normalized'),
 }
 
 
