@@ -708,8 +708,8 @@ def write_outputs(summary: dict, runs: list[dict], out: str, n_tokens: int) -> s
         f.write(text)
     plot_lines(summary['redundancy'], 'masked_share',
                [('rise', 'validation loss rise over r = 0'),
-                ('rise_share', "the rise as a share of the rise with no routed expert")],
-               'masked share of the routed experts r / E (the r of highest selection score, for every token)',
+                ('rise_share', "rise / rise with no routed expert at all")],
+               'masked routed experts r / E (each token\'s top r by selection score)',
                'Redundancy: the top routed experts masked (DeepSeekMoE Fig. 4); 95% intervals over seeds',
                os.path.join(out, 'redundancy.png'))
     plot_lines(summary['k_eval'], 'k', [('val_loss', 'validation loss')], 'routed experts per token at evaluation',
