@@ -694,7 +694,7 @@ def plot_coactivation(rows: list[dict], path: str) -> None:
             ax.set_xticks([])
             ax.set_yticks([])
     fig.colorbar(im, ax=axes, shrink=0.6, label='C(i, j) = N(i and j) / N(i)   (row i, column j)')
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches='tight')
     plt.close(fig)
 
 
