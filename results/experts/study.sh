@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python}
-GROUPS_="deepseek_moe moe moe_finegrained moe_shared"
+GROUPS_="deepseek_moe moe_shared moe_finegrained moe"   # the ladder top down: a difference a - b reads "richer minus simpler"
 $PYTHON results/study.py results/cpu/runs.txt --cpus "${CPUS:-0,1}" --only "$(echo $GROUPS_ | tr ' ' ',')"
 runs=""
 for group in $GROUPS_; do
