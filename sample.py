@@ -39,6 +39,13 @@ if __name__ == '__main__':
         model, ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device, moe_dispatch=runtime.moe_dispatch)
         # the vocabulary the model was trained on, recorded in the checkpoint (None: GPT-2's own)
         vocab = Vocab(ckpt.get('data', {}).get('gpt2_ids'))
+        if model.config.vocab_size < vocab.vocab_size:
+            # data without meta.pkl is taken for GPT-2 ids; a model with fewer rows was trained on ids of another kind
+            # (hand-made data), and GPT-2's encoding of a prompt would index past its embedding
+            raise ValueError(f"{out_dir}'s model has {model.config.vocab_size:,} token ids, fewer than the "
+                             f"{vocab.vocab_size:,} of the vocabulary its data names ({vocab!r}, GPT-2's when the data "
+                             f"had no meta.pkl): its ids are not that vocabulary's tokens, so no text can be encoded "
+                             f"for it; sample from a model trained on data written by data/*/prepare.py")
         if runtime.dtype == 'float64':
             model.double()
         if start.startswith('FILE:'):

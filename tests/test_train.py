@@ -502,6 +502,14 @@ def test_non_finite_loss_stops_with_the_iteration(tiny_runs, tmp_path):
     assert (out / 'ckpt.pt').read_bytes() == before                 # the last good checkpoint stays
 
 
+def test_sample_refuses_a_model_whose_ids_are_not_its_vocabulary_s(tiny_runs):
+    """tiny_runs trained on hand-made ids (no meta.pkl) with vocab_size 128: GPT-2's encoding of a prompt would index
+    past the embedding (it raised IndexError); one line instead."""
+    p = run_script('sample.py', [f'--out_dir={tiny_runs["dense"][0]}', '--device=cpu'], check=False)
+    assert p.returncode == 1 and p.stderr.count('\n') == 1 and p.stderr.startswith('error: '), p.stderr
+    assert 'has 128 token ids, fewer than the 50,257' in p.stderr and 'data/*/prepare.py' in p.stderr
+
+
 def test_sample_prints_prompt_and_continuation(gpt2_runs, tmp_path):
     out = gpt2_runs['deepseek_moe'][0]
     # the process once (exit code 0, what it prints); the other prompts and the error inside this process
